@@ -1,0 +1,124 @@
+"""Packing of nested tensor structures into one [batch, dim] matrix.
+
+Every solver in the package works on a single 2-D tensor whose rows are independent
+problems: a structure with `batch_dims=1` packs to [B, D], one with `batch_dims=0`
+to [1, D]. Keeping this in one place means solvers never see `tf.nest`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+_HALF_DTYPES = (tf.float16, tf.bfloat16)
+
+
+def compute_dtype(dtype: tf.DType) -> tf.DType:
+    """Half-precision problems are solved in float32 (iterative solvers stall in float16)."""
+    return tf.float32 if dtype in _HALF_DTYPES else dtype
+
+
+class Packer:
+    """Flattens a structure of tensors with `batch_dims` leading batch dimensions."""
+
+    def __init__(self, structure, batch_dims: int, *, what: str = "z0"):
+        leaves = tf.nest.flatten(structure)
+        if not leaves:
+            raise ValueError(f"`{what}` must contain at least one tensor. Received: {structure!r}")
+        leaves = [tf.convert_to_tensor(leaf) for leaf in leaves]
+        dtypes = {leaf.dtype for leaf in leaves}
+        if len(dtypes) != 1:
+            raise ValueError(
+                f"All tensors in `{what}` must share one dtype. Received dtypes: "
+                f"{sorted(d.name for d in dtypes)}"
+            )
+        self.dtype = leaves[0].dtype
+        if not self.dtype.is_floating:
+            raise ValueError(f"`{what}` must be floating point. Received dtype: {self.dtype.name}")
+        for leaf in leaves:
+            if leaf.shape.rank is not None and leaf.shape.rank < batch_dims:
+                raise ValueError(
+                    f"Every tensor in `{what}` needs at least batch_dims={batch_dims} "
+                    f"dimensions. Received shape: {leaf.shape}"
+                )
+        self.structure = structure
+        self.batch_dims = batch_dims
+        self.event_shapes = [leaf.shape[batch_dims:] for leaf in leaves]
+        self._dynamic_event_shapes = [tf.shape(leaf)[batch_dims:] for leaf in leaves]
+        self._batch_shape = tf.shape(leaves[0])[:batch_dims]
+        self.static_batch_shape = leaves[0].shape[:batch_dims]
+        static_sizes = [s.num_elements() for s in self.event_shapes]
+        self._static_sizes = static_sizes if None not in static_sizes else None
+        self.static_dim = sum(static_sizes) if self._static_sizes else None
+
+    def pack(self, structure, *, what: str = "value") -> tf.Tensor:
+        leaves = tf.nest.flatten(structure)
+        if len(leaves) != len(self.event_shapes):
+            raise ValueError(
+                f"`{what}` must have the same structure as z0. Received: {len(leaves)} tensors "
+                f"where z0 has {len(self.event_shapes)}."
+            )
+        rows = []
+        for leaf, shape in zip(leaves, self.event_shapes):
+            leaf = tf.convert_to_tensor(leaf)
+            if leaf.shape.rank is not None and shape.rank is not None:
+                event = leaf.shape[self.batch_dims :]
+                if not event.is_compatible_with(shape):
+                    raise ValueError(
+                        f"`{what}` must have the shape of z0 (after batch dimensions): "
+                        f"expected {shape}, received {event}."
+                    )
+            size = shape.num_elements() if shape.is_fully_defined() else -1
+            rows.append(tf.reshape(leaf, [-1, size]))
+        packed = rows[0] if len(rows) == 1 else tf.concat(rows, axis=-1)
+        if self.static_dim is not None:
+            packed.set_shape([None, self.static_dim])
+        return packed
+
+    def unpack(self, packed: tf.Tensor):
+        if self._static_sizes is not None:
+            sizes = self._static_sizes
+        else:
+            sizes = tf.stack([tf.reduce_prod(s) for s in self._dynamic_event_shapes])
+        pieces = [packed] if len(self.event_shapes) == 1 else tf.split(packed, sizes, axis=-1)
+        leaves = []
+        for piece, static, dynamic in zip(pieces, self.event_shapes, self._dynamic_event_shapes):
+            event = static.as_list() if static.is_fully_defined() else dynamic
+            if self.batch_dims == 0:
+                leaf = tf.reshape(piece, event)
+            elif self.batch_dims == 1:
+                leaf = tf.reshape(
+                    piece, tf.concat([[-1], event], 0) if tf.is_tensor(event) else [-1, *event]
+                )
+            else:
+                leaf = tf.reshape(piece, tf.concat([self._batch_shape, event], 0))
+            leaf.set_shape(self.static_batch_shape.concatenate(static))
+            leaves.append(leaf)
+        return tf.nest.pack_sequence_as(self.structure, leaves)
+
+    def unbatch_stats(self, value: tf.Tensor) -> tf.Tensor:
+        """Per-row statistics back to the batch shape (a scalar when batch_dims=0)."""
+        if self.batch_dims == 0:
+            return tf.reshape(value, [])
+        if self.batch_dims == 1:
+            return value
+        return tf.reshape(value, self._batch_shape)
+
+
+def row_norm(x: tf.Tensor) -> tf.Tensor:
+    """Euclidean norm of each row, [B, D] -> [B]."""
+    return tf.sqrt(tf.reduce_sum(tf.square(x), axis=-1))
+
+
+def safe_divide(num: tf.Tensor, den: tf.Tensor) -> tf.Tensor:
+    """num / den, with 0 where den == 0 (frozen or broken-down rows must not produce NaN)."""
+    ok = tf.not_equal(den, 0)
+    return tf.where(ok, num / tf.where(ok, den, tf.ones_like(den)), tf.zeros_like(num))
+
+
+def finite_rows(x: tf.Tensor) -> tf.Tensor:
+    return tf.reduce_all(tf.math.is_finite(x), axis=-1)
+
+
+def as_numpy_scalar(x):
+    return np.asarray(x).item()

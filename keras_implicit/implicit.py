@@ -1,0 +1,565 @@
+"""Implicit differentiation: fixed points, roots and minima as differentiable ops.
+
+Every entry point reduces to a root y*(x) of F(y, x) = 0:
+  fixed_point: F(z, x) = z - fn(z, x);  root: F = fn;  argmin: F = grad_y f(y, x).
+The forward solver runs with gradient recording paused (its iterations are never
+stored: memory does not grow with iterations). A `tf.custom_gradient` op then attaches
+the implicit gradient: for a cotangent g on y*, solve (dF/dy)^T w = g with a matrix-free
+linear solver and return -(dF/dx)^T w to the arguments and to every variable fn reads
+(Keras weights). With nonsmooth fn, backpropagation through fn yields one element of a
+conservative Jacobian, which the nonsmooth implicit function theorem (Bolte, Le,
+Pauwels, Silveti-Falls 2021) accepts as long as dF/dy is invertible; the backward solve
+failing to converge is the symptom of that condition failing, and is reported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import tensorflow as tf
+
+from keras_implicit import _policy, _validation, linalg, solvers
+from keras_implicit._structure import Packer, compute_dtype, finite_rows, row_norm
+from keras_implicit.solvers import SolverStats
+
+
+@contextlib.contextmanager
+def _tape_paused():
+    """Pauses every gradient tape on this thread (the forward solve must not be recorded).
+
+    `stop_recording` of any tape stops the whole tape set, so a throwaway tape suffices.
+    """
+    with tf.GradientTape() as tape, tape.stop_recording():
+        yield
+
+
+def _to_tensor(value, dtype):
+    """Python scalars take the problem's dtype; tensors and arrays keep theirs."""
+    if isinstance(value, (float, int)) and not isinstance(value, bool):
+        return tf.constant(value, dtype)
+    tensor = tf.convert_to_tensor(value)
+    if tensor.dtype in (tf.float16, tf.bfloat16) and dtype == tf.float32:
+        tensor = tf.cast(tensor, dtype)
+    return tensor
+
+
+class _Problem:
+    """A residual map F(y, *args) on structures, validated and cast to the compute dtype."""
+
+    def __init__(self, y0, batch_dims, *, what):
+        label = "z0" if what == "fixed_point" else "y0"
+        original = Packer(tf.nest.map_structure(tf.convert_to_tensor, y0), batch_dims, what=label)
+        self.original_dtype = original.dtype
+        self.dtype = compute_dtype(original.dtype)
+        # the solve runs in the compute dtype (float32 for half-precision inputs)
+        cast = tf.nest.map_structure(lambda t: tf.cast(t, self.dtype), original.structure)
+        self.packer = Packer(cast, batch_dims, what=label)
+
+    def cast_output(self, out, *, name="fn"):
+        """Checks that `out` has y's structure and dtype, and casts it to the compute dtype."""
+        try:
+            tf.nest.assert_same_structure(self.packer.structure, out, check_types=False)
+        except (ValueError, TypeError) as error:
+            raise ValueError(
+                f"`{name}` must return a value with the structure of its first argument. "
+                f"Received: {tf.nest.map_structure(lambda t: getattr(t, 'shape', t), out)!r}"
+            ) from error
+        leaves = [tf.convert_to_tensor(leaf) for leaf in tf.nest.flatten(out)]
+        for leaf in leaves:
+            if leaf.dtype not in (self.original_dtype, self.dtype):
+                raise ValueError(
+                    f"`{name}` must return {self.original_dtype.name} values like its first "
+                    f"argument. Received dtype: {leaf.dtype.name}"
+                )
+        leaves = [tf.cast(leaf, self.dtype) for leaf in leaves]
+        return tf.nest.pack_sequence_as(self.packer.structure, leaves)
+
+
+def _prepare(fn, y0, args, batch_dims, what):
+    batch_dims = _validation.non_negative_int("batch_dims", batch_dims)
+    if not callable(fn):
+        raise ValueError(f"`fn` must be callable. Received: fn={fn!r}")
+    problem = _Problem(y0, batch_dims, what=what)
+    y0 = problem.packer.structure
+    args = tf.nest.map_structure(lambda a: _to_tensor(a, problem.dtype), args)
+    return problem, y0, args
+
+
+def _implicit(
+    problem: _Problem,
+    root_fn,
+    y0,
+    args,
+    forward,
+    *,
+    linear_solver,
+    check_tol,
+    on_failure,
+    return_stats,
+    backward_callback,
+    what,
+):
+    """Runs `forward` with recording paused, then attaches the implicit gradient.
+
+    root_fn(y, *args): the residual F on structures (already cast), zero at the solution.
+    forward(y0, args) -> (y, iterations or None), called on stopped arguments.
+    """
+    packer = problem.packer
+    on_failure = _policy.check_policy(on_failure)
+    with _tape_paused():
+        stopped = tf.nest.map_structure(tf.stop_gradient, args)
+        y_star, iterations = forward(y0, stopped)
+    y_star = tf.nest.map_structure(tf.stop_gradient, packer.unpack(packer.pack(y_star)))
+
+    y_leaves = tf.nest.flatten(y_star)
+    arg_leaves = tf.nest.flatten(args)
+    n_y = len(y_leaves)
+    report = {}
+
+    def packed_residual(y_packed, arg_values):
+        arg_struct = tf.nest.pack_sequence_as(args, list(arg_values))
+        return packer.pack(root_fn(packer.unpack(y_packed), *arg_struct), what="fn(z0)")
+
+    @tf.custom_gradient
+    def attach(*inputs):
+        ys, xs = inputs[:n_y], inputs[n_y:]
+        y_packed = packer.pack(tf.nest.pack_sequence_as(y_star, list(ys)))
+        # Evaluating F at the solution both measures the true final residual and lets
+        # custom_gradient see which variables fn reads (their gradients are returned).
+        residual = row_norm(packed_residual(y_packed, xs)) / (1.0 + row_norm(y_packed))
+        converged = tf.logical_and(residual <= check_tol, tf.math.is_finite(residual))
+        report["residual"], report["converged"] = residual, converged
+        y_out = _policy.apply(
+            y_packed,
+            converged,
+            residual,
+            on_failure=on_failure,
+            what=f"{what}: forward solve",
+            tol=check_tol,
+            iterations=iterations,
+        )
+
+        def grad_fn(*upstream, variables=None):
+            cotangent = packer.pack(
+                [
+                    tf.zeros_like(y) if g is None else tf.cast(g, y.dtype)
+                    for g, y in zip(upstream, ys)
+                ]
+            )
+
+            def matvec(v):  # (dF/dy)^T v, one VJP of F at the solution
+                with tf.GradientTape(watch_accessed_variables=False) as tape:
+                    tape.watch(y_packed)
+                    out = packed_residual(y_packed, xs)
+                return tape.gradient(
+                    out,
+                    y_packed,
+                    output_gradients=v,
+                    unconnected_gradients=tf.UnconnectedGradients.ZERO,
+                )
+
+            w, stats = linear_solver(matvec, cotangent)
+            # a broken row (non-finite) contributes nothing rather than poisoning the sum
+            # over the batch that parameter gradients are
+            ok_rows = finite_rows(w)
+            w = tf.where(ok_rows[:, None], w, tf.zeros_like(w))
+            back_converged = tf.logical_and(stats.converged, ok_rows)
+            w = _policy.apply(
+                w,
+                back_converged,
+                stats.residual,
+                on_failure=on_failure,
+                what=f"{what}: backward linear solve ({linear_solver.name})",
+                tol=linear_solver.tol,
+                iterations=stats.iterations,
+            )
+            if backward_callback is not None:
+                backward_callback(
+                    SolverStats(
+                        packer.unbatch_stats(stats.iterations),
+                        packer.unbatch_stats(stats.residual),
+                        packer.unbatch_stats(back_converged),
+                    )
+                )
+
+            differentiable = [i for i, x in enumerate(xs) if x.dtype.is_floating]
+            sources = [xs[i] for i in differentiable] + list(variables or [])
+            if sources:
+                with tf.GradientTape(watch_accessed_variables=False) as tape:
+                    tape.watch(sources)
+                    out = packed_residual(y_packed, xs)
+                grads = tape.gradient(
+                    out,
+                    sources,
+                    output_gradients=-w,
+                    unconnected_gradients=tf.UnconnectedGradients.ZERO,
+                )
+            else:
+                grads = []
+            arg_grads = [None] * len(xs)
+            for i, g in zip(differentiable, grads):
+                arg_grads[i] = g
+            input_grads = [None] * n_y + arg_grads
+            if variables is None:
+                return input_grads
+            return input_grads, grads[len(differentiable) :]
+
+        return tf.nest.flatten(packer.unpack(y_out)), grad_fn
+
+    out = attach(*y_leaves, *arg_leaves)
+    out = tf.nest.pack_sequence_as(y_star, tf.nest.flatten(out))
+    if problem.original_dtype != problem.dtype:
+        out = tf.nest.map_structure(lambda t: tf.cast(t, problem.original_dtype), out)
+    if not return_stats:
+        return out
+    if iterations is None:
+        iterations = tf.fill(tf.shape(report["residual"]), -1)
+    stats = SolverStats(
+        packer.unbatch_stats(iterations),
+        packer.unbatch_stats(report["residual"]),
+        packer.unbatch_stats(report["converged"]),
+    )
+    return out, stats
+
+
+def _builtin_forward(problem, solve):
+    """Adapts a packed-tensor solver method to structures."""
+    packer = problem.packer
+
+    def forward(y0, args):
+        y, stats = solve(packer.pack(y0), args)
+        return packer.unpack(y), stats.iterations
+
+    return forward
+
+
+def fixed_point(
+    fn,
+    z0,
+    *args,
+    solver="anderson",
+    linear_solver="gmres",
+    tol=None,
+    max_iter=None,
+    backward_tol=None,
+    backward_max_iter=None,
+    backward_ridge=None,
+    batch_dims=0,
+    on_failure="warn",
+    return_stats=False,
+    backward_callback=None,
+):
+    """Returns z with z = fn(z, *args), differentiable w.r.t. args and captured variables.
+
+    Args:
+        fn: callable (z, *args) -> value with the structure, shapes and dtype of z.
+        z0: initial guess: a tensor or a flat structure of tensors (`tf.nest`).
+        *args: tensors (or structures) fn depends on; gradients flow to them.
+        solver: forward solver, a name ("anderson", "broyden", "fixed_point_iteration")
+            or a `ki.solvers.Solver`.
+        linear_solver: backward solver for (I - J^T) u = g: "gmres" (default, general),
+            "bicgstab", "broyden", "neumann", "dense", "cg" (only if J is symmetric),
+            or a `ki.linalg.LinearSolver`.
+        tol, max_iter: forward settings (override the solver object's).
+        backward_tol, backward_max_iter, backward_ridge: backward settings.
+        batch_dims: number of leading batch dimensions of z whose rows are independent
+            problems (1 for a DEQ batch): convergence is then judged per row.
+        on_failure: "warn" (default), "raise" or "ignore" when the forward or backward
+            solve does not reach its tolerance or produces non-finite values.
+        return_stats: also return the forward `SolverStats`.
+        backward_callback: called with the backward `SolverStats` when the gradient is
+            computed (may assign to tf.Variables; works in graphs and under XLA).
+    """
+    forward_solver = solvers.get(solver, tol=tol, max_iter=max_iter)
+    backward = linalg.get(
+        linear_solver, tol=backward_tol, max_iter=backward_max_iter, ridge=backward_ridge
+    )
+    with tf.name_scope("fixed_point"):
+        problem, z0, args = _prepare(fn, z0, args, batch_dims, "fixed_point")
+
+        def mapped(z, *a):
+            return problem.cast_output(fn(z, *a))
+
+        def root_fn(z, *a):
+            return tf.nest.map_structure(tf.subtract, z, mapped(z, *a))
+
+        forward = _builtin_forward(
+            problem,
+            lambda zp, a: forward_solver.solve_fixed_point(
+                lambda v: problem.packer.pack(mapped(problem.packer.unpack(v), *a)), zp
+            ),
+        )
+        return _implicit(
+            problem,
+            root_fn,
+            z0,
+            args,
+            forward,
+            linear_solver=backward,
+            check_tol=forward_solver.tol,
+            on_failure=on_failure,
+            return_stats=return_stats,
+            backward_callback=backward_callback,
+            what="fixed_point",
+        )
+
+
+def root(
+    fn,
+    y0,
+    *args,
+    solver="broyden",
+    linear_solver="gmres",
+    tol=None,
+    max_iter=None,
+    backward_tol=None,
+    backward_max_iter=None,
+    backward_ridge=None,
+    batch_dims=0,
+    on_failure="warn",
+    return_stats=False,
+    backward_callback=None,
+):
+    """Returns y with fn(y, *args) = 0, differentiable w.r.t. args and captured variables.
+
+    The backward pass solves (dfn/dy)^T w = g. Forward solvers other than Broyden iterate
+    y <- y - fn(y), which needs dfn/dy close to the identity. Arguments as `fixed_point`.
+    """
+    forward_solver = solvers.get(solver, tol=tol, max_iter=max_iter)
+    backward = linalg.get(
+        linear_solver, tol=backward_tol, max_iter=backward_max_iter, ridge=backward_ridge
+    )
+    with tf.name_scope("root"):
+        problem, y0, args = _prepare(fn, y0, args, batch_dims, "root")
+
+        def root_fn(y, *a):
+            return problem.cast_output(fn(y, *a))
+
+        forward = _builtin_forward(
+            problem,
+            lambda yp, a: forward_solver.solve_root(
+                lambda v: problem.packer.pack(root_fn(problem.packer.unpack(v), *a)), yp
+            ),
+        )
+        return _implicit(
+            problem,
+            root_fn,
+            y0,
+            args,
+            forward,
+            linear_solver=backward,
+            check_tol=forward_solver.tol,
+            on_failure=on_failure,
+            return_stats=return_stats,
+            backward_callback=backward_callback,
+            what="root",
+        )
+
+
+def argmin(
+    f,
+    x0,
+    *args,
+    solver="lbfgs",
+    linear_solver="cg",
+    tol=None,
+    max_iter=None,
+    backward_tol=None,
+    backward_max_iter=None,
+    backward_ridge=None,
+    batch_dims=0,
+    on_failure="warn",
+    return_stats=False,
+    backward_callback=None,
+):
+    """Returns a minimizer x of a smooth f(x, *args), differentiable w.r.t. args.
+
+    The optimality condition grad_x f = 0 is differentiated implicitly: the backward
+    solves H w = g with H the Hessian (symmetric, so conjugate gradient by default,
+    through Hessian-vector products; no Hessian is formed).
+
+    Args:
+        f: callable (x, *args) -> scalar (batch_dims=0) or one value per batch row.
+        solver: "lbfgs" (TFP's L-BFGS, default) or a root solver applied to grad f.
+        Other arguments as `fixed_point`; convergence: ||grad f|| / (1 + ||x||) <= tol.
+    """
+    forward_solver = solvers.get(solver, tol=tol, max_iter=max_iter)
+    backward = linalg.get(
+        linear_solver, tol=backward_tol, max_iter=backward_max_iter, ridge=backward_ridge
+    )
+    with tf.name_scope("argmin"):
+        problem, x0, args = _prepare(f, x0, args, batch_dims, "argmin")
+        packer = problem.packer
+
+        def objective(x, *a):
+            value = tf.cast(tf.convert_to_tensor(f(x, *a)), problem.dtype)
+            if batch_dims == 0 and value.shape.rank not in (None, 0):
+                raise ValueError(
+                    f"`f` must return a scalar when batch_dims=0. Received shape: {value.shape}"
+                )
+            return tf.reshape(value, [-1])
+
+        def root_fn(x, *a):
+            leaves = tf.nest.flatten(x)
+            with tf.GradientTape(watch_accessed_variables=False) as tape:
+                tape.watch(leaves)
+                value = tf.reduce_sum(objective(tf.nest.pack_sequence_as(x, leaves), *a))
+            grads = tape.gradient(value, leaves, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            return tf.nest.pack_sequence_as(x, grads)
+
+        if isinstance(forward_solver, solvers.LBFGS):
+
+            def solve(xp, a):
+                def value_and_gradient(v):
+                    with tf.GradientTape(watch_accessed_variables=False) as tape:
+                        tape.watch(v)
+                        value = objective(packer.unpack(v), *a)
+                    return value, tape.gradient(value, v)
+
+                return forward_solver.minimize(value_and_gradient, xp)
+        else:
+
+            def solve(xp, a):
+                return forward_solver.solve_root(
+                    lambda v: packer.pack(root_fn(packer.unpack(v), *a)), xp
+                )
+
+        return _implicit(
+            problem,
+            root_fn,
+            x0,
+            args,
+            _builtin_forward(problem, solve),
+            linear_solver=backward,
+            check_tol=forward_solver.tol,
+            on_failure=on_failure,
+            return_stats=return_stats,
+            backward_callback=backward_callback,
+            what="argmin",
+        )
+
+
+def _custom(
+    kind,
+    fn,
+    linear_solver,
+    tol,
+    backward_tol,
+    backward_max_iter,
+    backward_ridge,
+    batch_dims,
+    on_failure,
+    return_stats,
+    backward_callback,
+):
+    backward = linalg.get(
+        linear_solver, tol=backward_tol, max_iter=backward_max_iter, ridge=backward_ridge
+    )
+    check_tol = _validation.non_negative_float("tol", tol)
+    _policy.check_policy(on_failure)
+
+    def decorator(solver):
+        if not callable(solver):
+            raise ValueError(f"The decorated solver must be callable. Received: {solver!r}")
+
+        @functools.wraps(solver)
+        def solve(y0, *args):
+            with tf.name_scope(f"custom_{kind}"):
+                problem, y0_, args_ = _prepare(fn, y0, args, batch_dims, kind)
+
+                def root_fn(y, *a):
+                    out = problem.cast_output(fn(y, *a))
+                    if kind == "fixed_point":
+                        return tf.nest.map_structure(tf.subtract, y, out)
+                    return out
+
+                def forward(y, a):
+                    result = solver(y, *a)
+                    return problem.cast_output(result, name="the solver"), None
+
+                return _implicit(
+                    problem,
+                    root_fn,
+                    y0_,
+                    args_,
+                    forward,
+                    linear_solver=backward,
+                    check_tol=check_tol,
+                    on_failure=on_failure,
+                    return_stats=return_stats,
+                    backward_callback=backward_callback,
+                    what=f"custom_{kind}",
+                )
+
+        return solve
+
+    return decorator
+
+
+def custom_fixed_point(
+    fn,
+    linear_solver="gmres",
+    *,
+    tol=1e-5,
+    backward_tol=None,
+    backward_max_iter=None,
+    backward_ridge=None,
+    batch_dims=0,
+    on_failure="warn",
+    return_stats=False,
+    backward_callback=None,
+):
+    """Decorator giving any fixed-point solver of `fn` implicit gradients.
+
+    `solver(z0, *args)` may be anything that returns a fixed point of fn(., *args),
+    even a non-differentiable routine (a numpy solver behind `tf.numpy_function`): it
+    runs with recording paused, and the gradient comes from the implicit function
+    theorem at the returned point. `tol` judges the returned point (residual
+    ||z - fn(z)|| / (1 + ||z||)) under `on_failure`. Other arguments as `fixed_point`.
+    """
+    return _custom(
+        "fixed_point",
+        fn,
+        linear_solver,
+        tol,
+        backward_tol,
+        backward_max_iter,
+        backward_ridge,
+        batch_dims,
+        on_failure,
+        return_stats,
+        backward_callback,
+    )
+
+
+def custom_root(
+    fn,
+    linear_solver="gmres",
+    *,
+    tol=1e-5,
+    backward_tol=None,
+    backward_max_iter=None,
+    backward_ridge=None,
+    batch_dims=0,
+    on_failure="warn",
+    return_stats=False,
+    backward_callback=None,
+):
+    """Decorator giving any root solver of `fn` implicit gradients (see custom_fixed_point)."""
+    return _custom(
+        "root",
+        fn,
+        linear_solver,
+        tol,
+        backward_tol,
+        backward_max_iter,
+        backward_ridge,
+        batch_dims,
+        on_failure,
+        return_stats,
+        backward_callback,
+    )
+
+
+__all__ = ["argmin", "custom_fixed_point", "custom_root", "fixed_point", "root"]

@@ -1,0 +1,448 @@
+"""Forward solvers: fixed points, roots and minima, batched with per-row convergence.
+
+All solvers act on a packed [B, D] tensor whose rows are independent problems (see
+`_structure.Packer`). A row stops changing once it has converged (or produced a
+non-finite value), so one hard sample costs iterations but never alters the others.
+Loops are `tf.while_loop`s with fixed-shape state, so every solver runs eagerly, in
+`tf.function` and under XLA.
+
+Residual convention (reported in `SolverStats.residual` and compared with `tol`):
+for a fixed point z = T(z) it is ||T(z) - z|| / (1 + ||z||) per row, for a root F(y) = 0
+it is ||F(y)|| / (1 + ||y||): relative for large iterates, absolute near zero.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import keras
+import tensorflow as tf
+
+from keras_implicit import _validation
+from keras_implicit._structure import finite_rows, row_norm, safe_divide
+
+
+class SolverStats(NamedTuple):
+    """Outcome of a solve.
+
+    Attributes:
+        iterations: int32, iterations used (per batch element where batched; -1 when
+            the solver is a user's black box that does not report it).
+        residual: the final residual (see module docstring), per batch element.
+        converged: bool, residual <= tol and finite, per batch element.
+    """
+
+    iterations: tf.Tensor
+    residual: tf.Tensor
+    converged: tf.Tensor
+
+
+def relative_residual(step: tf.Tensor, z: tf.Tensor) -> tf.Tensor:
+    return row_norm(step) / (1.0 + row_norm(z))
+
+
+def _freeze(active: tf.Tensor, new: tf.Tensor, old: tf.Tensor) -> tf.Tensor:
+    """Keeps rows that are no longer active unchanged."""
+    return tf.where(active[:, None], new, old)
+
+
+class Solver:
+    """Base class of forward solvers. Subclasses implement `solve_fixed_point`.
+
+    Args:
+        tol: residual tolerance per batch element (see module docstring).
+        max_iter: maximum number of iterations (evaluations of the map).
+    """
+
+    name = "solver"
+
+    def __init__(self, tol: float = 1e-5, max_iter: int = 100):
+        self.tol = _validation.non_negative_float("tol", tol)
+        self.max_iter = _validation.positive_int("max_iter", max_iter)
+
+    def get_config(self) -> dict:
+        return {"tol": self.tol, "max_iter": self.max_iter}
+
+    @classmethod
+    def from_config(cls, config: dict):
+        return cls(**config)
+
+    def with_options(self, **options):
+        """A copy with some constructor arguments replaced (None values are ignored)."""
+        options = {k: v for k, v in options.items() if v is not None}
+        return type(self).from_config({**self.get_config(), **options}) if options else self
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"{type(self).__name__}({args})"
+
+    def solve_fixed_point(self, fixed_point_map, z0: tf.Tensor):
+        """Returns (z, SolverStats) with z ~= fixed_point_map(z), rows independent."""
+        raise NotImplementedError
+
+    def solve_root(self, residual_map, y0: tf.Tensor):
+        """Returns (y, SolverStats) with residual_map(y) ~= 0.
+
+        Fixed-point solvers iterate y <- y - F(y); this converges when I - dF/dy is a
+        contraction (F close to the identity, e.g. F(y) = y - T(y)). Broyden overrides
+        this with a quasi-Newton method.
+        """
+        return self.solve_fixed_point(lambda y: y - residual_map(y), y0)
+
+
+def _loop(body, state, max_iter: int):
+    """`tf.while_loop` that stops once every row is done (state[1] is the `active` mask)."""
+
+    def cond(iteration, active, *rest):
+        del iteration, rest
+        return tf.reduce_any(active)
+
+    return tf.while_loop(cond, body, state, maximum_iterations=max_iter)
+
+
+@keras.saving.register_keras_serializable(package="keras_implicit")
+class FixedPointIteration(Solver):
+    """Damped (Krasnosel'skii-Mann) iteration z <- (1 - damping) z + damping T(z).
+
+    Args:
+        damping: in (0, 1]; 1 is plain Picard iteration. Damping below 1 converges for
+            nonexpansive (not only contractive) maps.
+    """
+
+    name = "fixed_point_iteration"
+
+    def __init__(self, tol: float = 1e-5, max_iter: int = 100, damping: float = 1.0):
+        super().__init__(tol=tol, max_iter=max_iter)
+        self.damping = _validation.float_in_range("damping", damping, 0.0, 1.0, low_open=True)
+
+    def get_config(self):
+        return {**super().get_config(), "damping": self.damping}
+
+    def solve_fixed_point(self, fixed_point_map, z0):
+        with tf.name_scope("fixed_point_iteration"):
+            dtype = z0.dtype
+            batch = tf.shape(z0)[0]
+            damping = tf.constant(self.damping, dtype)
+            tol = tf.constant(self.tol, dtype)
+
+            def body(iteration, active, z, residual, iterations):
+                tz = fixed_point_map(z)
+                step = tz - z
+                res = relative_residual(step, z)
+                # a row leaves the loop when converged or broken (non-finite)
+                done = tf.logical_or(res <= tol, tf.logical_not(tf.math.is_finite(res)))
+                move = tf.logical_and(active, tf.logical_not(done))
+                z = _freeze(move, z + damping * step, z)
+                residual = tf.where(active, res, residual)
+                iterations = iterations + tf.cast(active, tf.int32)
+                return iteration + 1, move, z, residual, iterations
+
+            state = (
+                tf.constant(0),
+                tf.ones([batch], tf.bool),
+                z0,
+                tf.fill([batch], tf.constant(float("inf"), dtype)),
+                tf.zeros([batch], tf.int32),
+            )
+            _, _, z, residual, iterations = _loop(body, state, self.max_iter)
+            converged = residual <= tol
+            return z, SolverStats(iterations, residual, converged)
+
+
+@keras.saving.register_keras_serializable(package="keras_implicit")
+class Anderson(Solver):
+    """Anderson acceleration (type II) of the fixed-point iteration.
+
+    Each step mixes the last `memory` iterates with weights alpha that minimize
+    ||sum_i alpha_i (T(z_i) - z_i)|| subject to sum_i alpha_i = 1, a small least-squares
+    problem solved with a relative Tikhonov `ridge` (Walker & Ni 2011 for the method).
+
+    Args:
+        memory: number of past iterates mixed (>= 1; 1 is damped iteration).
+        beta: mixing parameter in (0, 1]: z <- beta * sum alpha T(z_i) + (1-beta) * sum alpha z_i.
+        ridge: regularization of the least-squares normal equations, relative to
+            their largest diagonal entry; keeps the weights bounded when residuals are
+            nearly collinear.
+    """
+
+    name = "anderson"
+
+    def __init__(
+        self,
+        tol: float = 1e-5,
+        max_iter: int = 100,
+        memory: int = 5,
+        beta: float = 1.0,
+        ridge: float = 1e-8,
+    ):
+        super().__init__(tol=tol, max_iter=max_iter)
+        self.memory = _validation.positive_int("memory", memory)
+        self.beta = _validation.float_in_range("beta", beta, 0.0, 1.0, low_open=True)
+        self.ridge = _validation.non_negative_float("ridge", ridge)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "memory": self.memory,
+            "beta": self.beta,
+            "ridge": self.ridge,
+        }
+
+    def solve_fixed_point(self, fixed_point_map, z0):
+        with tf.name_scope("anderson"):
+            dtype = z0.dtype
+            batch = tf.shape(z0)[0]
+            m = self.memory
+            tol = tf.constant(self.tol, dtype)
+            beta = tf.constant(self.beta, dtype)
+            history_shape = tf.stack([batch, m, tf.shape(z0)[1]])
+            eye = tf.eye(m, dtype=dtype)
+            tiny = tf.constant(1e-30 if dtype == tf.float64 else 1e-20, dtype)
+
+            def body(iteration, active, z, residual, iterations, xs, fs):
+                tz = fixed_point_map(z)
+                res = relative_residual(tz - z, z)
+                done = tf.logical_or(res <= tol, tf.logical_not(tf.math.is_finite(res)))
+                move = tf.logical_and(active, tf.logical_not(done))
+
+                # write (z, T(z)) into the circular history slot of this iteration
+                slot = tf.one_hot(iteration % m, m, dtype=dtype)[None, :, None]
+                xs = xs * (1 - slot) + slot * z[:, None, :]
+                fs = fs * (1 - slot) + slot * tz[:, None, :]
+                valid = tf.cast(tf.range(m) <= iteration, dtype)  # filled slots
+                pair = valid[:, None] * valid[None, :]
+
+                g = fs - xs
+                gram = tf.einsum("bid,bjd->bij", g, g) * pair
+                scale = tf.reduce_max(tf.linalg.diag_part(gram), axis=-1)
+                reg = (self.ridge * scale + tiny)[:, None, None]
+                # empty slots get a unit diagonal and a zero right-hand side: alpha = 0
+                system = gram + reg * eye + (1 - pair) * eye
+                rhs = tf.broadcast_to(valid[:, None], [batch, m, 1])
+                weights = tf.linalg.cholesky_solve(tf.linalg.cholesky(system), rhs)[..., 0]
+                alpha = weights / tf.reduce_sum(weights, axis=-1, keepdims=True)
+                mixed = beta * tf.einsum("bi,bid->bd", alpha, fs) + (1 - beta) * tf.einsum(
+                    "bi,bid->bd", alpha, xs
+                )
+                # a singular mixing step must not poison a row: fall back to T(z)
+                mixed = tf.where(finite_rows(mixed)[:, None], mixed, tz)
+                z = _freeze(move, mixed, z)
+                residual = tf.where(active, res, residual)
+                iterations = iterations + tf.cast(active, tf.int32)
+                return iteration + 1, move, z, residual, iterations, xs, fs
+
+            state = (
+                tf.constant(0),
+                tf.ones([batch], tf.bool),
+                z0,
+                tf.fill([batch], tf.constant(float("inf"), dtype)),
+                tf.zeros([batch], tf.int32),
+                tf.zeros(history_shape, dtype),
+                tf.zeros(history_shape, dtype),
+            )
+            _, _, z, residual, iterations, _, _ = _loop(body, state, self.max_iter)
+            return z, SolverStats(iterations, residual, residual <= tol)
+
+
+def broyden_root(residual_map, y0, *, tol, max_iter, memory, residual_fn=None):
+    """Limited-memory 'good' Broyden method for residual_map(y) = 0, rows independent.
+
+    The inverse Jacobian is approximated as H = I + U V^T (rank <= memory, circular
+    buffer), starting from the identity: right for F(y) = y - T(y) with T contractive,
+    and for the linear residual A x - b with A close to the identity. Step: y <- y - H F(y).
+
+    `residual_fn(F, y)` gives the per-row residual compared with tol.
+    """
+    residual_fn = residual_fn or relative_residual
+    dtype = y0.dtype
+    batch = tf.shape(y0)[0]
+    tol = tf.constant(tol, dtype)
+    buffer_shape = tf.stack([batch, memory, tf.shape(y0)[1]])
+
+    def apply_h(us, vs, x):  # H x = x + U (V^T x)
+        return x + tf.einsum("bmd,bm->bd", us, tf.einsum("bmd,bd->bm", vs, x))
+
+    def apply_ht(us, vs, x):  # H^T x = x + V (U^T x)
+        return x + tf.einsum("bmd,bm->bd", vs, tf.einsum("bmd,bd->bm", us, x))
+
+    def body(iteration, active, y, fy, residual, iterations, us, vs):
+        step = -apply_h(us, vs, fy)
+        y_new = y + step
+        f_new = residual_map(y_new)
+        res = residual_fn(f_new, y_new)
+        broken = tf.logical_not(tf.math.is_finite(res))
+        move = tf.logical_and(active, tf.logical_not(broken))
+
+        # Sherman-Morrison update of the inverse: H += (s - H d) s^T H / (s^T H d)
+        d = f_new - fy
+        h_d = apply_h(us, vs, d)
+        denom = tf.reduce_sum(step * h_d, axis=-1)
+        u = safe_divide(step - h_d, denom[:, None])
+        v = apply_ht(us, vs, step)
+        update = tf.cast(tf.logical_and(move, tf.abs(denom) > 0), dtype)[:, None, None]
+        slot = tf.one_hot(iteration % memory, memory, dtype=dtype)[None, :, None] * update
+        us = us * (1 - slot) + slot * u[:, None, :]
+        vs = vs * (1 - slot) + slot * v[:, None, :]
+
+        y = _freeze(move, y_new, y)
+        fy = _freeze(move, f_new, fy)
+        residual = tf.where(active, res, residual)
+        iterations = iterations + tf.cast(active, tf.int32)
+        still = tf.logical_and(move, res > tol)
+        return iteration + 1, still, y, fy, residual, iterations, us, vs
+
+    f0 = residual_map(y0)
+    res0 = residual_fn(f0, y0)
+    state = (
+        tf.constant(0),
+        tf.logical_and(res0 > tol, tf.math.is_finite(res0)),
+        y0,
+        f0,
+        res0,
+        tf.zeros([batch], tf.int32),
+        tf.zeros(buffer_shape, dtype),
+        tf.zeros(buffer_shape, dtype),
+    )
+    _, _, y, _, residual, iterations, _, _ = _loop(body, state, max_iter)
+    return y, SolverStats(iterations, residual, residual <= tol)
+
+
+@keras.saving.register_keras_serializable(package="keras_implicit")
+class Broyden(Solver):
+    """Limited-memory Broyden quasi-Newton method (the "good" update).
+
+    For a fixed point it solves z - T(z) = 0; for a root F(y) = 0 directly. Superlinear
+    near the solution for smooth maps, and usually many fewer map evaluations than
+    plain iteration; the DEQ paper (Bai et al. 2019) uses it as the forward solver.
+
+    Args:
+        memory: rank of the inverse-Jacobian correction kept (circular buffer).
+    """
+
+    name = "broyden"
+
+    def __init__(self, tol: float = 1e-5, max_iter: int = 100, memory: int = 20):
+        super().__init__(tol=tol, max_iter=max_iter)
+        self.memory = _validation.positive_int("memory", memory)
+
+    def get_config(self):
+        return {**super().get_config(), "memory": self.memory}
+
+    def solve_fixed_point(self, fixed_point_map, z0):
+        with tf.name_scope("broyden"):
+            return broyden_root(
+                lambda z: z - fixed_point_map(z),
+                z0,
+                tol=self.tol,
+                max_iter=self.max_iter,
+                memory=self.memory,
+            )
+
+    def solve_root(self, residual_map, y0):
+        with tf.name_scope("broyden"):
+            return broyden_root(
+                residual_map, y0, tol=self.tol, max_iter=self.max_iter, memory=self.memory
+            )
+
+
+@keras.saving.register_keras_serializable(package="keras_implicit")
+class LBFGS(Solver):
+    """L-BFGS minimization through `tfp.optimizer.lbfgs_minimize` (batched over rows).
+
+    Used by `ki.argmin`. Convergence: ||grad f(x)|| / (1 + ||x||) <= tol per row.
+
+    Args:
+        memory: number of correction pairs kept.
+    """
+
+    name = "lbfgs"
+
+    def __init__(self, tol: float = 1e-5, max_iter: int = 100, memory: int = 10):
+        super().__init__(tol=tol, max_iter=max_iter)
+        self.memory = _validation.positive_int("memory", memory)
+
+    def get_config(self):
+        return {**super().get_config(), "memory": self.memory}
+
+    def minimize(self, value_and_gradient, x0):
+        """value_and_gradient: [B, D] -> ([B], [B, D]). Returns (x, SolverStats)."""
+        import tensorflow_probability as tfp
+
+        with tf.name_scope("lbfgs"):
+            result = tfp.optimizer.lbfgs_minimize(
+                value_and_gradient,
+                initial_position=x0,
+                num_correction_pairs=self.memory,
+                # TFP's test is on the gradient's sup-norm; ours (checked afterwards) is
+                # the scaled 2-norm, so ask TFP for a little more than we need.
+                tolerance=self.tol / 10.0,
+                x_tolerance=0.0,
+                f_relative_tolerance=0.0,
+                max_iterations=self.max_iter,
+            )
+            x = result.position
+            res = relative_residual(result.objective_gradient, x)
+            iterations = tf.fill(tf.shape(res), tf.cast(result.num_iterations, tf.int32))
+            return x, SolverStats(iterations, res, res <= tf.constant(self.tol, x.dtype))
+
+    def solve_root(self, residual_map, y0):
+        raise ValueError(
+            "LBFGS minimizes a function; it cannot solve a general root or fixed-point "
+            "problem. Use solver='broyden' or 'anderson' there."
+        )
+
+    solve_fixed_point = solve_root
+
+
+_SOLVERS = {
+    "fixed_point_iteration": FixedPointIteration,
+    "fixed_point": FixedPointIteration,
+    "picard": FixedPointIteration,
+    "anderson": Anderson,
+    "broyden": Broyden,
+    "lbfgs": LBFGS,
+}
+
+
+def get(identifier, **options) -> Solver:
+    """Returns a forward solver from a name, a config dict or a `Solver` instance.
+
+    Keyword `options` (e.g. tol=, max_iter=) are passed to the constructor of a named
+    solver, or replace the matching settings of a given instance (None is ignored).
+    """
+    if isinstance(identifier, Solver):
+        return identifier.with_options(**options)
+    if isinstance(identifier, str):
+        key = identifier.lower()
+        if key not in _SOLVERS:
+            raise ValueError(
+                f"Unknown solver. Expected one of {sorted(_SOLVERS)} or a "
+                f"keras_implicit.solvers.Solver. Received: solver={identifier!r}"
+            )
+        return _SOLVERS[key](**{k: v for k, v in options.items() if v is not None})
+    if isinstance(identifier, dict):
+        solver = keras.saving.deserialize_keras_object(identifier)
+        if not isinstance(solver, Solver):
+            raise ValueError(f"The config does not describe a solver. Received: {identifier!r}")
+        return solver.with_options(**options)
+    raise ValueError(
+        f"`solver` must be a name, a config dict or a keras_implicit.solvers.Solver. "
+        f"Received: solver={identifier!r}"
+    )
+
+
+def serialize(solver: Solver) -> dict:
+    return keras.saving.serialize_keras_object(solver)
+
+
+__all__ = [
+    "LBFGS",
+    "Anderson",
+    "Broyden",
+    "FixedPointIteration",
+    "Solver",
+    "SolverStats",
+    "broyden_root",
+    "get",
+    "serialize",
+]
