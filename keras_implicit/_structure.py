@@ -122,3 +122,21 @@ def finite_rows(x: tf.Tensor) -> tf.Tensor:
 
 def as_numpy_scalar(x):
     return np.asarray(x).item()
+
+
+def while_loop(cond, body, state, maximum_iterations=None):
+    """`tf.while_loop` whose body keeps the static shapes its state entered with.
+
+    State built from `tf.shape` is less specific than state computed from the inputs
+    (e.g. a batch of 1); without this, a loop variable that enters as (1, D) and comes
+    back as (None, D) is a trace-time error.
+    """
+
+    def shaped_body(*args):
+        out = body(*args)
+        for new, old in zip(tf.nest.flatten(out), tf.nest.flatten(args)):
+            if isinstance(new, tf.Tensor) and isinstance(old, tf.Tensor):
+                new.set_shape(new.shape.merge_with(old.shape))
+        return out
+
+    return tf.while_loop(cond, shaped_body, state, maximum_iterations=maximum_iterations)

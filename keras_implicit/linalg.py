@@ -16,7 +16,7 @@ import keras
 import tensorflow as tf
 
 from keras_implicit import _validation
-from keras_implicit._structure import row_norm, safe_divide
+from keras_implicit._structure import row_norm, safe_divide, while_loop
 from keras_implicit.solvers import SolverStats, broyden_root
 
 
@@ -67,7 +67,7 @@ def _check(tol, max_iter, ridge):
 
 
 def _loop(body, state, max_iter):
-    return tf.while_loop(
+    return while_loop(
         lambda it, active, *rest: tf.reduce_any(active), body, state, maximum_iterations=max_iter
     )
 
@@ -216,7 +216,7 @@ def solve_gmres(matvec, b, init=None, tol=1e-6, max_iter=100, ridge=0.0, restart
                     h = h + hot_i * (new_i - hi)[:, None] + hot_i1 * (new_i1 - hi1)[:, None]
                     return i + 1, h
 
-                _, h = tf.while_loop(lambda i, h: i < j, rotate, (tf.constant(0), h))
+                _, h = while_loop(lambda i, h: i < j, rotate, (tf.constant(0), h))
                 hj, hj1 = h[:, j], h[:, j + 1]
                 denom = tf.sqrt(hj * hj + hj1 * hj1)
                 c = tf.where(denom > 0, safe_divide(hj, denom), tf.ones_like(hj))
@@ -247,7 +247,7 @@ def solve_gmres(matvec, b, init=None, tol=1e-6, max_iter=100, ridge=0.0, restart
                 return j + 1, running, basis, hessenberg, givens_c, givens_s, g, steps
 
             state = (tf.constant(0), running, basis, hessenberg, givens_c, givens_s, g, steps)
-            out = tf.while_loop(
+            out = while_loop(
                 lambda j, running, *rest: tf.logical_and(j < m, tf.reduce_any(running)),
                 arnoldi,
                 state,
@@ -351,7 +351,7 @@ def materialize(matvec, b):
         return matvec(e)
 
     columns = tf.TensorArray(b.dtype, size=dim)
-    _, columns = tf.while_loop(
+    _, columns = while_loop(
         lambda i, ta: i < dim, lambda i, ta: (i + 1, ta.write(i, column(i))), (0, columns)
     )
     return tf.transpose(columns.stack(), [1, 2, 0])  # [B, D(rows), D(columns)]

@@ -19,7 +19,7 @@ import keras
 import tensorflow as tf
 
 from keras_implicit import _validation
-from keras_implicit._structure import finite_rows, row_norm, safe_divide
+from keras_implicit._structure import finite_rows, row_norm, safe_divide, while_loop
 
 
 class SolverStats(NamedTuple):
@@ -97,7 +97,7 @@ def _loop(body, state, max_iter: int):
         del iteration, rest
         return tf.reduce_any(active)
 
-    return tf.while_loop(cond, body, state, maximum_iterations=max_iter)
+    return while_loop(cond, body, state, maximum_iterations=max_iter)
 
 
 @keras.saving.register_keras_serializable(package="keras_implicit")
