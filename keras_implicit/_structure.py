@@ -96,6 +96,30 @@ class Packer:
             leaves.append(leaf)
         return tf.nest.pack_sequence_as(self.structure, leaves)
 
+    def is_batched_like(self, tensor: tf.Tensor) -> bool:
+        """Whether `tensor` carries the same leading batch dimensions as the packed rows.
+
+        Decided on static shapes: equal known sizes, or both unknown (a dynamic batch).
+        """
+        if self.batch_dims == 0 or tensor.shape.rank is None:
+            return False
+        if tensor.shape.rank < self.batch_dims:
+            return False
+        for mine, theirs in zip(self.static_batch_shape, tensor.shape[: self.batch_dims]):
+            if mine != theirs:
+                return False
+        return True
+
+    def finite_batch_rows(self, tensor: tf.Tensor) -> tf.Tensor:
+        flat = tf.reshape(tensor, tf.stack([tf.reduce_prod(self._batch_shape), -1]))
+        return tf.reduce_all(tf.math.is_finite(flat), axis=-1)
+
+    def mask_batch_rows(self, tensor: tf.Tensor, keep: tf.Tensor) -> tf.Tensor:
+        """Zeros the batch rows of `tensor` where `keep` ([rows]) is False."""
+        extra = tf.ones([tensor.shape.rank - self.batch_dims], tf.int32)
+        keep = tf.reshape(keep, tf.concat([self._batch_shape, extra], 0))
+        return tf.where(keep, tensor, tf.zeros_like(tensor))
+
     def unbatch_stats(self, value: tf.Tensor) -> tf.Tensor:
         """Per-row statistics back to the batch shape (a scalar when batch_dims=0)."""
         if self.batch_dims == 0:

@@ -38,10 +38,10 @@ def _to_tensor(value, dtype):
     """Python scalars take the problem's dtype; tensors and arrays keep theirs."""
     if isinstance(value, (float, int)) and not isinstance(value, bool):
         return tf.constant(value, dtype)
-    tensor = tf.convert_to_tensor(value)
-    if tensor.dtype in (tf.float16, tf.bfloat16) and dtype == tf.float32:
-        tensor = tf.cast(tensor, dtype)
-    return tensor
+    return tf.convert_to_tensor(value)
+
+
+_HALF_EPS = {tf.float16: 2.0**-10, tf.bfloat16: 2.0**-7}  # machine epsilons
 
 
 class _Problem:
@@ -55,6 +55,19 @@ class _Problem:
         # the solve runs in the compute dtype (float32 for half-precision inputs)
         cast = tf.nest.map_structure(lambda t: tf.cast(t, self.dtype), original.structure)
         self.packer = Packer(cast, batch_dims, what=label)
+        # fn computes in its own (half) precision, so residuals cannot drop much below its
+        # roundoff: tolerances are floored there instead of never being met
+        self.tol_floor = 2.0 * _HALF_EPS.get(self.original_dtype, 0.0)
+
+    def to_user(self, y):
+        """y in the dtype fn was written for (the solver's state may be wider)."""
+        if self.original_dtype == self.dtype:
+            return y
+        return tf.nest.map_structure(lambda t: tf.cast(t, self.original_dtype), y)
+
+    def floor(self, solver):
+        """The solver with its tolerance raised to the floor (no-op in full precision)."""
+        return solver.with_options(tol=self.tol_floor) if solver.tol < self.tol_floor else solver
 
     def cast_output(self, out, *, name="fn"):
         """Checks that `out` has y's structure and dtype, and casts it to the compute dtype."""
@@ -107,6 +120,8 @@ def _implicit(
     """
     packer = problem.packer
     on_failure = _policy.check_policy(on_failure)
+    check_tol = max(check_tol, problem.tol_floor)
+    linear_solver = problem.floor(linear_solver)
     with _tape_paused():
         stopped = tf.nest.map_structure(tf.stop_gradient, args)
         y_star, iterations = forward(y0, stopped)
@@ -147,22 +162,40 @@ def _implicit(
                     for g, y in zip(upstream, ys)
                 ]
             )
+            # Rows whose solution, batched inputs or cotangent are not finite are
+            # evaluated at zeros instead: a VJP multiplies a zero cotangent by the
+            # local derivative, and 0 * NaN would leak the broken row into every
+            # parameter gradient (a sum over the batch).
+            ok_rows = finite_rows(y_packed) & finite_rows(cotangent)
+            for x in xs:
+                if packer.is_batched_like(x) and x.dtype.is_floating:
+                    ok_rows &= packer.finite_batch_rows(x)
+            y_safe = tf.where(ok_rows[:, None], y_packed, tf.zeros_like(y_packed))
+            cotangent = tf.where(ok_rows[:, None], cotangent, tf.zeros_like(cotangent))
+
+            def sanitized(values):
+                return [
+                    packer.mask_batch_rows(x, ok_rows)
+                    if packer.is_batched_like(x) and x.dtype.is_floating
+                    else x
+                    for x in values
+                ]
+
+            xs_safe = sanitized(xs)
 
             def matvec(v):  # (dF/dy)^T v, one VJP of F at the solution
                 with tf.GradientTape(watch_accessed_variables=False) as tape:
-                    tape.watch(y_packed)
-                    out = packed_residual(y_packed, xs)
+                    tape.watch(y_safe)
+                    out = packed_residual(y_safe, xs_safe)
                 return tape.gradient(
                     out,
-                    y_packed,
+                    y_safe,
                     output_gradients=v,
                     unconnected_gradients=tf.UnconnectedGradients.ZERO,
                 )
 
             w, stats = linear_solver(matvec, cotangent)
-            # a broken row (non-finite) contributes nothing rather than poisoning the sum
-            # over the batch that parameter gradients are
-            ok_rows = finite_rows(w)
+            ok_rows &= finite_rows(w)
             w = tf.where(ok_rows[:, None], w, tf.zeros_like(w))
             back_converged = tf.logical_and(stats.converged, ok_rows)
             w = _policy.apply(
@@ -188,7 +221,7 @@ def _implicit(
             if sources:
                 with tf.GradientTape(watch_accessed_variables=False) as tape:
                     tape.watch(sources)
-                    out = packed_residual(y_packed, xs)
+                    out = packed_residual(y_safe, sanitized(xs))
                 grads = tape.gradient(
                     out,
                     sources,
@@ -277,9 +310,10 @@ def fixed_point(
     )
     with tf.name_scope("fixed_point"):
         problem, z0, args = _prepare(fn, z0, args, batch_dims, "fixed_point")
+        forward_solver, backward = problem.floor(forward_solver), problem.floor(backward)
 
         def mapped(z, *a):
-            return problem.cast_output(fn(z, *a))
+            return problem.cast_output(fn(problem.to_user(z), *a))
 
         def root_fn(z, *a):
             return tf.nest.map_structure(tf.subtract, z, mapped(z, *a))
@@ -332,9 +366,10 @@ def root(
     )
     with tf.name_scope("root"):
         problem, y0, args = _prepare(fn, y0, args, batch_dims, "root")
+        forward_solver, backward = problem.floor(forward_solver), problem.floor(backward)
 
         def root_fn(y, *a):
-            return problem.cast_output(fn(y, *a))
+            return problem.cast_output(fn(problem.to_user(y), *a))
 
         forward = _builtin_forward(
             problem,
@@ -390,10 +425,11 @@ def argmin(
     )
     with tf.name_scope("argmin"):
         problem, x0, args = _prepare(f, x0, args, batch_dims, "argmin")
+        forward_solver, backward = problem.floor(forward_solver), problem.floor(backward)
         packer = problem.packer
 
         def objective(x, *a):
-            value = tf.cast(tf.convert_to_tensor(f(x, *a)), problem.dtype)
+            value = tf.cast(tf.convert_to_tensor(f(problem.to_user(x), *a)), problem.dtype)
             if batch_dims == 0 and value.shape.rank not in (None, 0):
                 raise ValueError(
                     f"`f` must return a scalar when batch_dims=0. Received shape: {value.shape}"
@@ -469,13 +505,13 @@ def _custom(
                 problem, y0_, args_ = _prepare(fn, y0, args, batch_dims, kind)
 
                 def root_fn(y, *a):
-                    out = problem.cast_output(fn(y, *a))
+                    out = problem.cast_output(fn(problem.to_user(y), *a))
                     if kind == "fixed_point":
                         return tf.nest.map_structure(tf.subtract, y, out)
                     return out
 
                 def forward(y, a):
-                    result = solver(y, *a)
+                    result = solver(problem.to_user(y), *a)
                     return problem.cast_output(result, name="the solver"), None
 
                 return _implicit(

@@ -358,7 +358,7 @@ def materialize(matvec, b):
 
 
 def solve_dense(matvec, b, init=None, tol=1e-6, max_iter=100, ridge=0.0):
-    """Materializes A (D matvecs) and solves by LU: exact, O(D^3), for small problems.
+    """Materializes A (D matvecs) and solves by QR: exact, O(D^3), for small problems.
 
     `init` and `max_iter` are accepted for the common signature and ignored; `tol` only
     judges the reported convergence (a singular A yields non-finite rows, reported).
@@ -368,10 +368,11 @@ def solve_dense(matvec, b, init=None, tol=1e-6, max_iter=100, ridge=0.0):
     with tf.name_scope("solve_dense"):
         matvec, b, _, unbatched = _prepare(matvec, b, None, ridge)
         matrix = materialize(matvec, b)
-        x = tf.linalg.solve(matrix, b[:, :, None])[:, :, 0]
-        x = tf.where(
-            tf.math.is_finite(x), x, tf.fill(tf.shape(x), tf.constant(float("nan"), b.dtype))
-        )
+        # QR rather than LU: TF's LU raises on a singular matrix (and XLA has no LU),
+        # while a triangular solve lets a singular row come out non-finite, reported below
+        q, r = tf.linalg.qr(matrix)
+        rhs = tf.linalg.matvec(q, b, transpose_a=True)[:, :, None]
+        x = tf.linalg.triangular_solve(r, rhs, lower=False)[:, :, 0]
         dim = tf.shape(b)[1]
         iterations = tf.fill(tf.shape(b)[:1], dim)
         residual = safe_divide(row_norm(b - tf.linalg.matvec(matrix, x)), row_norm(b))
@@ -423,7 +424,7 @@ class LinearSolver:
         return f"{type(self).__name__}({args})"
 
 
-@keras.saving.register_keras_serializable(package="keras_implicit")
+@keras.saving.register_keras_serializable(package="keras_implicit", name="linalg.CG")
 class CG(LinearSolver):
     """Conjugate gradient: symmetric positive definite systems (argmin Hessians)."""
 
@@ -431,7 +432,7 @@ class CG(LinearSolver):
     _function = staticmethod(solve_cg)
 
 
-@keras.saving.register_keras_serializable(package="keras_implicit")
+@keras.saving.register_keras_serializable(package="keras_implicit", name="linalg.BiCGStab")
 class BiCGStab(LinearSolver):
     """BiCGStab: general nonsymmetric systems, short recurrences, two matvecs per step."""
 
@@ -439,7 +440,7 @@ class BiCGStab(LinearSolver):
     _function = staticmethod(solve_bicgstab)
 
 
-@keras.saving.register_keras_serializable(package="keras_implicit")
+@keras.saving.register_keras_serializable(package="keras_implicit", name="linalg.GMRES")
 class GMRES(LinearSolver):
     """Restarted GMRES: general nonsymmetric systems, monotone residual; the default."""
 
@@ -454,7 +455,7 @@ class GMRES(LinearSolver):
         return {"restart": self.restart}
 
 
-@keras.saving.register_keras_serializable(package="keras_implicit")
+@keras.saving.register_keras_serializable(package="keras_implicit", name="linalg.Neumann")
 class Neumann(LinearSolver):
     """Truncated Neumann series: cheap, needs spectral radius of I - A below 1."""
 
@@ -462,7 +463,7 @@ class Neumann(LinearSolver):
     _function = staticmethod(solve_neumann)
 
 
-@keras.saving.register_keras_serializable(package="keras_implicit")
+@keras.saving.register_keras_serializable(package="keras_implicit", name="linalg.Broyden")
 class Broyden(LinearSolver):
     """Limited-memory Broyden on the adjoint system."""
 
@@ -477,9 +478,9 @@ class Broyden(LinearSolver):
         return {"memory": self.memory}
 
 
-@keras.saving.register_keras_serializable(package="keras_implicit")
+@keras.saving.register_keras_serializable(package="keras_implicit", name="linalg.Dense")
 class Dense(LinearSolver):
-    """Materialize and LU-solve: exact reference for small problems."""
+    """Materialize and QR-solve: exact reference for small problems."""
 
     name = "dense"
     _function = staticmethod(solve_dense)
