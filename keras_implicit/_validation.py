@@ -35,15 +35,11 @@ def float_in_range(name: str, value, low: float, high: float, *, low_open=False)
         ok = (low < value if low_open else low <= value) and value <= high
     if not ok:
         bracket = "(" if low_open else "["
-        raise ValueError(
-            f"`{name}` must be in {bracket}{low}, {high}]. Received: {name}={value!r}"
-        )
+        raise ValueError(f"`{name}` must be in {bracket}{low}, {high}]. Received: {name}={value!r}")
     return float(value)
 
 
 def one_of(name: str, value, options) -> str:
     if value not in options:
-        raise ValueError(
-            f"`{name}` must be one of {sorted(options)}. Received: {name}={value!r}"
-        )
+        raise ValueError(f"`{name}` must be one of {sorted(options)}. Received: {name}={value!r}")
     return value
