@@ -35,6 +35,18 @@ def in_xla_context() -> bool:
 
 
 _warned_xla = set()
+_LIBRARY_PATHS = ("keras_implicit", "tensorflow", "keras", "tensorflow_probability", "<frozen")
+
+
+def user_stacklevel() -> int:
+    """The `stacklevel` that makes a warning point at the first caller outside the libraries."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None:
+        path = frame.f_code.co_filename.replace("\\", "/")
+        if not any(f"/{name}/" in path or path.startswith(name) for name in _LIBRARY_PATHS):
+            return level
+        frame, level = frame.f_back, level + 1
+    return 1
 
 
 def _xla_notice(what: str, on_failure: str) -> None:
@@ -51,7 +63,7 @@ def _xla_notice(what: str, on_failure: str) -> None:
         f"{what}: on_failure={on_failure!r} cannot print or raise inside an XLA-compiled "
         f"function; {outcome}.",
         ConvergenceWarning,
-        stacklevel=4,
+        stacklevel=user_stacklevel(),
     )
 
 
@@ -87,7 +99,7 @@ def apply(
             )
             if on_failure == "raise":
                 raise ConvergenceError(msg)
-            warnings.warn(msg, ConvergenceWarning, stacklevel=5)
+            warnings.warn(msg, ConvergenceWarning, stacklevel=user_stacklevel())
         return packed
     if in_xla_context():
         _xla_notice(what, on_failure)

@@ -23,15 +23,16 @@ from keras_implicit import _policy, _validation, linalg, solvers
 from keras_implicit._structure import Packer, compute_dtype, finite_rows, row_norm
 from keras_implicit.solvers import SolverStats
 
+try:  # TF >= 2.13
+    from tensorflow.python.eager.record import stop_recording as _tape_paused
+except ImportError:  # pragma: no cover - older layout
+    from tensorflow.python.eager.tape import stop_recording as _tape_paused
 
-@contextlib.contextmanager
-def _tape_paused():
-    """Pauses every gradient tape on this thread (the forward solve must not be recorded).
-
-    `stop_recording` of any tape stops the whole tape set, so a throwaway tape suffices.
-    """
-    with tf.GradientTape() as tape, tape.stop_recording():
-        yield
+# `_tape_paused()` stops every gradient tape on this thread, so the forward solve is
+# never recorded: with a tape recording, each iteration that reads a watched variable
+# would keep its activations alive (memory growing with iterations). There is no
+# public equivalent: `GradientTape.stop_recording` needs the user's tape object, and a
+# throwaway tape's `stop_recording` does not pause the others (measured).
 
 
 def _to_tensor(value, dtype):
@@ -112,8 +113,9 @@ def _implicit(
     return_stats,
     backward_callback,
     what,
+    pause_tapes=True,
 ):
-    """Runs `forward` with recording paused, then attaches the implicit gradient.
+    """Runs `forward` (recording paused if `pause_tapes`), then attaches the implicit gradient.
 
     root_fn(y, *args): the residual F on structures (already cast), zero at the solution.
     forward(y0, args) -> (y, iterations or None), called on stopped arguments.
@@ -122,8 +124,12 @@ def _implicit(
     on_failure = _policy.check_policy(on_failure)
     check_tol = max(check_tol, problem.tol_floor)
     linear_solver = problem.floor(linear_solver)
-    with _tape_paused():
-        stopped = tf.nest.map_structure(tf.stop_gradient, args)
+    stopped = tf.nest.map_structure(tf.stop_gradient, args)
+    # Solvers that take gradients themselves (argmin's L-BFGS, a user's solver) need
+    # tapes recording; stop_gradient on their output still keeps the outer gradient out
+    # of the loop (in graphs that is all it takes: nothing differentiates through the
+    # loop, so it keeps no intermediates).
+    with _tape_paused() if pause_tapes else contextlib.nullcontext():
         y_star, iterations = forward(y0, stopped)
     y_star = tf.nest.map_structure(tf.stop_gradient, packer.unpack(packer.pack(y_star)))
 
@@ -414,6 +420,11 @@ def argmin(
     solves H w = g with H the Hessian (symmetric, so conjugate gradient by default,
     through Hessian-vector products; no Hessian is formed).
 
+    Eager-mode caveat: the forward needs gradients of f, so it runs with tapes
+    recording; if f reads trainable variables while an outer tape is active, eager
+    execution keeps each iteration's activations until that tape is released (graphs,
+    `tf.function` and `model.fit`, are unaffected).
+
     Args:
         f: callable (x, *args) -> scalar (batch_dims=0) or one value per batch row.
         solver: "lbfgs" (TFP's L-BFGS, default) or a root solver applied to grad f.
@@ -473,6 +484,7 @@ def argmin(
             return_stats=return_stats,
             backward_callback=backward_callback,
             what="argmin",
+            pause_tapes=False,
         )
 
 
@@ -526,6 +538,7 @@ def _custom(
                     return_stats=return_stats,
                     backward_callback=backward_callback,
                     what=f"custom_{kind}",
+                    pause_tapes=False,
                 )
 
         return solve
@@ -549,10 +562,14 @@ def custom_fixed_point(
     """Decorator giving any fixed-point solver of `fn` implicit gradients.
 
     `solver(z0, *args)` may be anything that returns a fixed point of fn(., *args),
-    even a non-differentiable routine (a numpy solver behind `tf.numpy_function`): it
-    runs with recording paused, and the gradient comes from the implicit function
-    theorem at the returned point. `tol` judges the returned point (residual
+    even a non-differentiable routine (a numpy solver behind `tf.numpy_function`): no
+    gradient flows through it; the gradient comes from the implicit function theorem
+    at the returned point. `tol` judges the returned point (residual
     ||z - fn(z)|| / (1 + ||z||)) under `on_failure`. Other arguments as `fixed_point`.
+
+    The solver runs with tapes recording, so it may take gradients itself; in eager
+    mode one that reads trainable variables under an outer tape therefore keeps its
+    activations until that tape is released (graph mode is unaffected).
     """
     return _custom(
         "fixed_point",

@@ -1,0 +1,262 @@
+"""Implicit differentiation vs backprop through the unrolled solver, and vs jaxopt.
+
+Problem: z = tanh(z W + x), batch 256, width 256, ||W||_2 = 0.9, float32, a fixed
+number N of forward iterations (tol=0 forces all N), N in {25, 50, 100, 200}.
+For each method: forward+backward time (XLA, median of repeats), backward time
+(forward+backward minus forward alone) and peak memory of forward+backward (BFC
+allocator statistics). Peer: jaxopt's FixedPointIteration with implicit
+differentiation (its default normal-CG backward), jit-compiled, when JAX is installed.
+
+    python benchmarks/bench_core.py [--quick]
+
+Writes benchmarks/results/core.json and core.md. Targets (issue #2): implicit peak
+memory flat in N (200 vs 25 within 10%) while unrolled grows; implicit backward >= 2x
+faster than unrolled at N = 100; XLA forward+backward <= 1.5x jaxopt's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import time
+
+os.environ["TF_CPU_ALLOCATOR_USE_BFC"] = "true"  # CPU memory statistics need BFC
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np
+import tensorflow as tf
+
+import keras_implicit as ki
+
+RESULTS = pathlib.Path(__file__).with_name("results")
+LINEAR_SOLVERS = ("gmres", "bicgstab", "broyden", "neumann")
+
+
+def make_problem(batch, width, seed=0):
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(width, width)).astype(np.float32)
+    w = 0.9 * w / np.linalg.norm(w, 2)
+    x = rng.normal(size=(batch, width)).astype(np.float32)
+    return w, x
+
+
+def timed(fn, repeats):
+    fn()  # compile
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        tf.nest.map_structure(np.asarray, out)
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples) * 1e3
+
+
+def peak_memory(fn):
+    fn()
+    before = tf.config.experimental.get_memory_info("CPU:0")["current"]
+    tf.config.experimental.reset_memory_stats("CPU:0")
+    tf.nest.map_structure(np.asarray, fn())
+    return tf.config.experimental.get_memory_info("CPU:0")["peak"] - before
+
+
+def tf_methods(w, x, iterations):
+    w_var = tf.Variable(w)
+    x_t = tf.constant(x)
+
+    def cell(z, x):
+        return tf.tanh(z @ w_var + x)
+
+    def implicit_forward():
+        return ki.fixed_point(
+            cell,
+            tf.zeros_like(x_t),
+            x_t,
+            batch_dims=1,
+            solver="fixed_point_iteration",
+            tol=0.0,
+            max_iter=iterations,
+            on_failure="ignore",
+        )
+
+    def implicit(linear_solver):
+        def step():
+            with tf.GradientTape() as tape:
+                z = ki.fixed_point(
+                    cell,
+                    tf.zeros_like(x_t),
+                    x_t,
+                    batch_dims=1,
+                    solver="fixed_point_iteration",
+                    tol=0.0,
+                    max_iter=iterations,
+                    linear_solver=linear_solver,
+                    backward_tol=1e-5,
+                    backward_max_iter=100,
+                    on_failure="ignore",
+                )
+                loss = tf.reduce_sum(z**2)
+            return tape.gradient(loss, w_var)
+
+        return step
+
+    def unrolled_forward():
+        z = tf.zeros_like(x_t)
+        for _ in range(iterations):
+            z = cell(z, x_t)
+        return z
+
+    def unrolled():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(unrolled_forward() ** 2)
+        return tape.gradient(loss, w_var)
+
+    compile_ = lambda f: tf.function(f, jit_compile=True)  # noqa: E731
+    methods = {
+        f"implicit/{ls}": (compile_(implicit(ls)), compile_(implicit_forward))
+        for ls in LINEAR_SOLVERS
+    }
+    methods["unrolled backprop"] = (compile_(unrolled), compile_(unrolled_forward))
+    return methods
+
+
+def jaxopt_methods(w, x, iterations):
+    try:
+        import jax
+        import jax.numpy as jnp
+        from jaxopt import FixedPointIteration
+    except ImportError:
+        return {}
+    jax.config.update("jax_platforms", "cpu")
+    w_j, x_j = jnp.asarray(w), jnp.asarray(x)
+
+    def cell(z, w, x):
+        return jnp.tanh(z @ w + x)
+
+    def solve(w, implicit_diff):
+        solver = FixedPointIteration(cell, maxiter=iterations, tol=0.0, implicit_diff=implicit_diff)
+        return solver.run(jnp.zeros_like(x_j), w, x_j).params
+
+    def loss(w, implicit_diff):
+        return jnp.sum(solve(w, implicit_diff) ** 2)
+
+    grad_implicit = jax.jit(jax.grad(lambda w: loss(w, True)))
+    grad_unrolled = jax.jit(jax.grad(lambda w: loss(w, False)))
+    forward = jax.jit(lambda w: solve(w, True))
+
+    def block(f):
+        return lambda: np.asarray(f(w_j))
+
+    return {
+        "jaxopt implicit": (block(grad_implicit), block(forward)),
+        "jaxopt unrolled": (block(grad_unrolled), block(forward)),
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
+    args = parser.parse_args(argv)
+    batch, width = (32, 32) if args.quick else (256, 256)
+    counts = (25, 50) if args.quick else (25, 50, 100, 200)
+    repeats = 3 if args.quick else 15
+    w, x = make_problem(batch, width)
+    rows = []
+    for n in counts:
+        for name, (full, forward) in tf_methods(w, x, n).items():
+            total, fwd = timed(full, repeats), timed(forward, repeats)
+            rows.append(
+                {
+                    "method": name,
+                    "iterations": n,
+                    "forward_backward_ms": total,
+                    "backward_ms": max(total - fwd, 0.0),
+                    "peak_bytes": peak_memory(full),
+                }
+            )
+            print(
+                f"N={n:4d} {name:22s} fwd+bwd {total:8.2f} ms  bwd {total - fwd:8.2f} ms  "
+                f"peak {rows[-1]['peak_bytes'] / 2**20:7.2f} MiB",
+                flush=True,
+            )
+        for name, (full, forward) in jaxopt_methods(w, x, n).items():
+            total, fwd = timed(full, repeats), timed(forward, repeats)
+            rows.append(
+                {
+                    "method": name,
+                    "iterations": n,
+                    "forward_backward_ms": total,
+                    "backward_ms": max(total - fwd, 0.0),
+                    "peak_bytes": None,
+                }
+            )
+            print(
+                f"N={n:4d} {name:22s} fwd+bwd {total:8.2f} ms  bwd {total - fwd:8.2f} ms",
+                flush=True,
+            )
+
+    def get(method, n, key):
+        for row in rows:
+            if row["method"] == method and row["iterations"] == n:
+                return row[key]
+        return None
+
+    lo, hi = counts[0], counts[-1]
+    mid = 100 if 100 in counts else counts[-1]
+    ratios = {
+        f"implicit_memory_growth (gmres, N={hi} vs {lo})": get("implicit/gmres", hi, "peak_bytes")
+        / get("implicit/gmres", lo, "peak_bytes"),
+        f"unrolled_memory_growth (N={hi} vs {lo})": get("unrolled backprop", hi, "peak_bytes")
+        / get("unrolled backprop", lo, "peak_bytes"),
+        f"unrolled_backward / implicit_backward (gmres, N={mid})": get(
+            "unrolled backprop", mid, "backward_ms"
+        )
+        / get("implicit/gmres", mid, "backward_ms"),
+    }
+    if get("jaxopt implicit", mid, "forward_backward_ms"):
+        best = min(get(f"implicit/{ls}", mid, "forward_backward_ms") for ls in LINEAR_SOLVERS)
+        ratios[f"ours_best / jaxopt_implicit fwd+bwd (N={mid})"] = best / get(
+            "jaxopt implicit", mid, "forward_backward_ms"
+        )
+        ratios[f"ours_gmres / jaxopt_implicit fwd+bwd (N={mid})"] = get(
+            "implicit/gmres", mid, "forward_backward_ms"
+        ) / get("jaxopt implicit", mid, "forward_backward_ms")
+    print("\nratios:")
+    for key, value in ratios.items():
+        print(f"  {key}: {value:.2f}")
+
+    RESULTS.mkdir(exist_ok=True)
+    suffix = "_quick" if args.quick else ""
+    meta = {
+        "batch": batch,
+        "width": width,
+        "dtype": "float32",
+        "xla": True,
+        "tensorflow": tf.__version__,
+        "cpu_count": os.cpu_count(),
+    }
+    (RESULTS / f"core{suffix}.json").write_text(
+        json.dumps({"meta": meta, "rows": rows, "ratios": ratios}, indent=2)
+    )
+    lines = [
+        f"# Core benchmark (batch {batch}, width {width}, float32, XLA, CPU)",
+        "",
+        "| method | N | fwd+bwd (ms) | backward (ms) | peak memory (MiB) |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for row in rows:
+        peak = "" if row["peak_bytes"] is None else f"{row['peak_bytes'] / 2**20:.2f}"
+        lines.append(
+            f"| {row['method']} | {row['iterations']} | "
+            f"{row['forward_backward_ms']:.2f} | {row['backward_ms']:.2f} | {peak} |"
+        )
+    lines += ["", "| ratio | value |", "| --- | ---: |"]
+    lines += [f"| {k} | {v:.2f} |" for k, v in ratios.items()]
+    (RESULTS / f"core{suffix}.md").write_text("\n".join(lines) + "\n")
+    return ratios
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""The project as a newcomer meets it: demo, examples, lint, public API."""
+
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+EXAMPLES = sorted(p for p in (ROOT / "examples").rglob("*.py") if not p.name.startswith("_"))
+
+
+def _run(args, tmp_path, timeout=900):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "MPLBACKEND": "Agg"}
+    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_demo_runs_quietly(tmp_path):
+    result = _run([sys.executable, "-m", "keras_implicit", "--quick"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Summary" in result.stdout and "NOT converged" not in result.stdout
+    # no TensorFlow start-up noise reaches the terminal
+    assert "cuda" not in result.stderr.lower() and "absl" not in result.stderr
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_example_runs_in_quick_mode(example, tmp_path):
+    result = _run([sys.executable, str(example), "--quick", "--out", str(tmp_path)], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert list(tmp_path.glob("*.png")), "every example saves its figure"
+
+
+@pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff not installed")
+def test_ruff_clean():
+    for command in (["ruff", "check", "."], ["ruff", "format", "--check", "."]):
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout[-3000:]
+
+
+def test_public_api_contract():
+    import keras_implicit as ki
+
+    for name in (
+        "fixed_point",
+        "root",
+        "argmin",
+        "custom_fixed_point",
+        "custom_root",
+        "SolverStats",
+        "solvers",
+        "linalg",
+        "diagnostics",
+    ):
+        assert hasattr(ki, name), name
+    for name in ("FixedPointIteration", "Anderson", "Broyden", "get"):
+        assert hasattr(ki.solvers, name), name
+    for name in ("CG", "GMRES", "BiCGStab", "Broyden", "Neumann", "Dense", "get"):
+        assert hasattr(ki.linalg, name), name
+    assert set(ki.SolverStats._fields) == {"iterations", "residual", "converged"}
+
+
+def test_refuses_other_keras_backends():
+    code = "import keras_implicit"
+    env = {**os.environ, "KERAS_BACKEND": "jax"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode != 0
+    assert "Received: KERAS_BACKEND='jax'" in result.stderr
