@@ -72,7 +72,7 @@ def _loop(body, state, max_iter):
     )
 
 
-def solve_cg(matvec, b, init=None, tol=1e-6, max_iter=100, ridge=0.0):
+def solve_cg(matvec, b, init=None, tol=1e-5, max_iter=100, ridge=0.0):
     """Conjugate gradient for symmetric positive definite A (e.g. a Hessian: argmin)."""
     tol, max_iter, ridge = _check(tol, max_iter, ridge)
     with tf.name_scope("solve_cg"):
@@ -107,7 +107,7 @@ def solve_cg(matvec, b, init=None, tol=1e-6, max_iter=100, ridge=0.0):
         return _finish(x, _stats(matvec, b, x, iterations, tol_t), unbatched)
 
 
-def solve_bicgstab(matvec, b, init=None, tol=1e-6, max_iter=100, ridge=0.0):
+def solve_bicgstab(matvec, b, init=None, tol=1e-5, max_iter=100, ridge=0.0):
     """BiCGStab (van der Vorst 1992) for general nonsymmetric A; two matvecs per iteration."""
     tol, max_iter, ridge = _check(tol, max_iter, ridge)
     with tf.name_scope("solve_bicgstab"):
@@ -160,7 +160,7 @@ def solve_bicgstab(matvec, b, init=None, tol=1e-6, max_iter=100, ridge=0.0):
         return _finish(x, _stats(matvec, b, x, iterations, tol_t), unbatched)
 
 
-def solve_gmres(matvec, b, init=None, tol=1e-6, max_iter=100, ridge=0.0, restart=20):
+def solve_gmres(matvec, b, init=None, tol=1e-5, max_iter=100, ridge=0.0, restart=20):
     """Restarted GMRES(restart) with Givens rotations, batched over rows.
 
     The Arnoldi basis uses classical Gram-Schmidt applied twice (as accurate as modified
@@ -285,7 +285,7 @@ def solve_gmres(matvec, b, init=None, tol=1e-6, max_iter=100, ridge=0.0, restart
         return _finish(x, _stats(matvec, b, x, iterations, tol_t), unbatched)
 
 
-def solve_neumann(matvec, b, init=None, tol=1e-6, max_iter=100, ridge=0.0):
+def solve_neumann(matvec, b, init=None, tol=1e-5, max_iter=100, ridge=0.0):
     """Truncated Neumann series / Richardson iteration x <- b + (I - A) x.
 
     For the fixed-point adjoint A = I - J^T this is x = sum_k (J^T)^k b, which converges
@@ -315,7 +315,7 @@ def solve_neumann(matvec, b, init=None, tol=1e-6, max_iter=100, ridge=0.0):
         return _finish(x, _stats(matvec, b, x, iterations, tol_t), unbatched)
 
 
-def solve_broyden(matvec, b, init=None, tol=1e-6, max_iter=100, ridge=0.0, memory=20):
+def solve_broyden(matvec, b, init=None, tol=1e-5, max_iter=100, ridge=0.0, memory=20):
     """Limited-memory Broyden on the residual A x - b (quasi-Newton on the adjoint system).
 
     Starts from H = I (a Richardson step), which suits A = I - J^T; it is the backward
@@ -357,7 +357,7 @@ def materialize(matvec, b):
     return tf.transpose(columns.stack(), [1, 2, 0])  # [B, D(rows), D(columns)]
 
 
-def solve_dense(matvec, b, init=None, tol=1e-6, max_iter=100, ridge=0.0):
+def solve_dense(matvec, b, init=None, tol=1e-5, max_iter=100, ridge=0.0):
     """Materializes A (D matvecs) and solves by QR: exact, O(D^3), for small problems.
 
     `init` and `max_iter` are accepted for the common signature and ignored; `tol` only
@@ -391,7 +391,7 @@ class LinearSolver:
     name = "linear_solver"
     _function = None
 
-    def __init__(self, tol: float = 1e-6, max_iter: int = 100, ridge: float = 0.0):
+    def __init__(self, tol: float = 1e-5, max_iter: int = 100, ridge: float = 0.0):
         self.tol, self.max_iter, self.ridge = _check(tol, max_iter, ridge)
 
     def _options(self) -> dict:
@@ -447,7 +447,7 @@ class GMRES(LinearSolver):
     name = "gmres"
     _function = staticmethod(solve_gmres)
 
-    def __init__(self, tol=1e-6, max_iter=100, ridge=0.0, restart=20):
+    def __init__(self, tol=1e-5, max_iter=100, ridge=0.0, restart=20):
         super().__init__(tol=tol, max_iter=max_iter, ridge=ridge)
         self.restart = _validation.positive_int("restart", restart)
 
@@ -470,7 +470,7 @@ class Broyden(LinearSolver):
     name = "broyden"
     _function = staticmethod(solve_broyden)
 
-    def __init__(self, tol=1e-6, max_iter=100, ridge=0.0, memory=20):
+    def __init__(self, tol=1e-5, max_iter=100, ridge=0.0, memory=20):
         super().__init__(tol=tol, max_iter=max_iter, ridge=ridge)
         self.memory = _validation.positive_int("memory", memory)
 
