@@ -45,6 +45,7 @@ def check_gradients(
     y0,
     *args,
     kind="fixed_point",
+    solve=None,
     variables=(),
     num_directions=3,
     eps=None,
@@ -61,10 +62,19 @@ def check_gradients(
 
     Args:
         kind: "fixed_point", "root" or "argmin": which solve `fn` defines.
+        solve: instead of `fn` and `kind`, any differentiable solve `solve(y0, *args)`,
+            e.g. a solver decorated with `ki.custom_fixed_point` (fn is then ignored).
         eps: finite-difference step (default: cube root of the machine epsilon).
         **solve_kwargs: passed to the solve (solver, tol, max_iter, batch_dims, ...).
     """
-    solve = _SOLVES[_check_kind(kind)]
+    if solve is None:
+        builtin = _SOLVES[_check_kind(kind)]
+
+        def solve(y0, *solve_args):
+            return builtin(fn, y0, *solve_args, **solve_kwargs)
+
+    elif solve_kwargs:
+        raise ValueError(f"Pass settings to your own `solve`. Received: {sorted(solve_kwargs)}")
     num_directions = _validation.positive_int("num_directions", num_directions)
     rtol = _validation.non_negative_float("rtol", rtol)
     variables = list(variables)
@@ -80,8 +90,7 @@ def check_gradients(
         full = list(args)
         for i, value in zip(inputs, arg_values):
             full[i] = value
-        out = solve(fn, y0, *full, **solve_kwargs)
-        return out
+        return solve(y0, *full)
 
     solution = objective([args[i] for i in inputs])
     weights = tf.nest.map_structure(
