@@ -35,7 +35,14 @@ def in_xla_context() -> bool:
 
 
 _warned_xla = set()
-_LIBRARY_PATHS = ("keras_implicit", "tensorflow", "keras", "tensorflow_probability", "<frozen")
+_LIBRARY_PATHS = (
+    "keras_implicit",
+    "tensorflow",
+    "keras",
+    "tensorflow_probability",
+    "<frozen",
+    "__autograph_generated",
+)
 
 
 def user_stacklevel() -> int:
@@ -43,17 +50,17 @@ def user_stacklevel() -> int:
     frame, level = sys._getframe(1), 1
     while frame is not None:
         path = frame.f_code.co_filename.replace("\\", "/")
-        if not any(f"/{name}/" in path or path.startswith(name) for name in _LIBRARY_PATHS):
+        if not any(f"/{name}" in path or path.startswith(name) for name in _LIBRARY_PATHS):
             return level
         frame, level = frame.f_back, level + 1
     return 1
 
 
 def _xla_notice(what: str, on_failure: str) -> None:
-    key = (what, on_failure)
-    if key in _warned_xla:
+    # once per process and policy: a compiled training step would otherwise repeat it
+    if on_failure in _warned_xla:
         return
-    _warned_xla.add(key)
+    _warned_xla.add(on_failure)
     outcome = (
         "failed rows are set to NaN"
         if on_failure == "raise"

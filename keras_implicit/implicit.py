@@ -189,12 +189,15 @@ def _implicit(
 
             xs_safe = sanitized(xs)
 
-            def matvec(v):  # (dF/dy)^T v, one VJP of F at the solution
-                with tf.GradientTape(watch_accessed_variables=False) as tape:
-                    tape.watch(y_safe)
-                    out = packed_residual(y_safe, xs_safe)
-                return tape.gradient(
-                    out,
+            # F is evaluated once; every matvec reuses its recorded linearization
+            # (only the VJP runs inside the solver's loop, as jax.vjp would do)
+            with tf.GradientTape(watch_accessed_variables=False, persistent=True) as linear:
+                linear.watch(y_safe)
+                residual_at_solution = packed_residual(y_safe, xs_safe)
+
+            def matvec(v):  # (dF/dy)^T v
+                return linear.gradient(
+                    residual_at_solution,
                     y_safe,
                     output_gradients=v,
                     unconnected_gradients=tf.UnconnectedGradients.ZERO,

@@ -183,27 +183,27 @@ def solve_gmres(matvec, b, init=None, tol=1e-5, max_iter=100, ridge=0.0, restart
             r = b - matvec(x)
             beta = row_norm(r)
             v0 = safe_divide(r, beta[:, None])
-            basis = tf.concat([v0[:, None, :], tf.zeros(tf.stack([batch, m, dim]), dtype)], 1)
+            # step-major buffers updated one slot at a time: XLA writes them in place
+            # (whole-tensor one-hot updates would rewrite m+1 vectors every step)
+            basis = tf.concat([v0[None], tf.zeros(tf.stack([m, batch, dim]), dtype)], 0)
             givens_c = tf.zeros([batch, m], dtype)
             givens_s = tf.zeros([batch, m], dtype)
             g = tf.one_hot(tf.zeros([batch], tf.int32), m + 1, dtype=dtype) * beta[:, None]
-            hessenberg = tf.zeros([batch, m, m + 1], dtype)  # column j stored as row j
+            hessenberg = tf.zeros(tf.stack([m, batch, m + 1]), dtype)  # column j at [j]
             steps = tf.zeros([batch], tf.int32)
             running = tf.logical_and(active, beta > target)
 
             def arnoldi(j, running, basis, hessenberg, givens_c, givens_s, g, steps):
-                w = matvec(basis[:, j, :])
+                w = matvec(tf.gather(basis, j))
                 known = tf.cast(basis_mask <= j, dtype)[None, :]
-                h = tf.einsum("bkd,bd->bk", basis, w) * known
-                w = w - tf.einsum("bk,bkd->bd", h, basis)
-                h2 = tf.einsum("bkd,bd->bk", basis, w) * known
-                w = w - tf.einsum("bk,bkd->bd", h2, basis)
+                h = tf.einsum("kbd,bd->bk", basis, w) * known
+                w = w - tf.einsum("bk,kbd->bd", h, basis)
+                h2 = tf.einsum("kbd,bd->bk", basis, w) * known
+                w = w - tf.einsum("bk,kbd->bd", h2, basis)
                 h = h + h2
                 h_next = row_norm(w)
-                basis = (
-                    basis
-                    + tf.one_hot(j + 1, m + 1, dtype=dtype)[None, :, None]
-                    * (safe_divide(w, h_next[:, None])[:, None, :])
+                basis = tf.tensor_scatter_nd_update(
+                    basis, [[j + 1]], safe_divide(w, h_next[:, None])[None]
                 )
                 h = h + tf.one_hot(j + 1, m + 1, dtype=dtype)[None, :] * h_next[:, None]
 
@@ -231,9 +231,8 @@ def solve_gmres(matvec, b, init=None, tol=1e-5, max_iter=100, ridge=0.0, restart
                 col = tf.one_hot(j, m, dtype=dtype)[None, :]
                 givens_c = tf.where(keep, givens_c + col * c[:, None], givens_c)
                 givens_s = tf.where(keep, givens_s + col * s[:, None], givens_s)
-                row = tf.one_hot(j, m, dtype=dtype)[None, :, None]
-                hessenberg = tf.where(
-                    keep[:, :, None], hessenberg + row * h[:, None, :], hessenberg
+                hessenberg = tf.tensor_scatter_nd_update(
+                    hessenberg, [[j]], tf.where(keep, h, tf.zeros_like(h))[None]
                 )
                 g = tf.where(keep, g_new, g)
                 steps = steps + tf.cast(running, tf.int32)
@@ -254,7 +253,7 @@ def solve_gmres(matvec, b, init=None, tol=1e-5, max_iter=100, ridge=0.0, restart
             )
             _, _, basis, hessenberg, _, _, g, steps = out
             # solve the triangular system on the first `steps` columns of each row
-            r_upper = tf.linalg.matrix_transpose(hessenberg[:, :, :m])
+            r_upper = tf.transpose(hessenberg[:, :, :m], [1, 2, 0])  # [B, i, j]
             used = tf.range(m)[None, :] < steps[:, None]
             used_f = tf.cast(used, dtype)
             r_upper = r_upper * used_f[:, :, None] * used_f[:, None, :]
@@ -262,7 +261,7 @@ def solve_gmres(matvec, b, init=None, tol=1e-5, max_iter=100, ridge=0.0, restart
                 r_upper, tf.where(used, tf.linalg.diag_part(r_upper), tf.ones_like(used_f))
             )
             y = tf.linalg.triangular_solve(r_upper, (g[:, :m] * used_f)[:, :, None], lower=False)
-            update = tf.einsum("bk,bkd->bd", y[:, :, 0], basis[:, :m, :])
+            update = tf.einsum("bk,kbd->bd", y[:, :, 0], basis[:m])
             update = tf.where(tf.math.is_finite(update), update, tf.zeros_like(update))
             return x + update, steps
 
