@@ -9,7 +9,9 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-EXAMPLES = sorted(p for p in (ROOT / "examples").rglob("*.py") if not p.name.startswith("_"))
+# examples/paper/ scripts are run by tests/paper, which also assert their claims
+EXAMPLES = sorted(p for p in (ROOT / "examples").glob("*.py") if not p.name.startswith("_"))
+PAPER_EXAMPLES = sorted((ROOT / "examples" / "paper").glob("*.py"))
 
 
 def _run(args, tmp_path, timeout=900):
@@ -69,3 +71,9 @@ def test_refuses_other_keras_backends():
     )
     assert result.returncode != 0
     assert "Received: KERAS_BACKEND='jax'" in result.stderr
+
+
+def test_every_paper_example_has_a_claim_test():
+    tested = {p.name.removeprefix("test_paper_") for p in (ROOT / "tests" / "paper").glob("*.py")}
+    for example in PAPER_EXAMPLES:
+        assert example.name in tested, f"{example.name} has no tests/paper/test_paper_ file"
