@@ -276,6 +276,60 @@ def _builtin_forward(problem, solve):
     return forward
 
 
+def _run_builtin(kind, fn, y0, args, settings, build):
+    """What fixed_point, root and argmin share: resolve solvers, prepare, solve, attach.
+
+    `build(problem, forward_solver) -> (root_fn, solve)` supplies the residual F on
+    structures and `solve(packed y0, args) -> (packed y, SolverStats)`.
+    """
+    forward_solver = solvers.get(
+        settings["solver"], tol=settings["tol"], max_iter=settings["max_iter"]
+    )
+    backward = linalg.get(
+        settings["linear_solver"],
+        tol=settings["backward_tol"],
+        max_iter=settings["backward_max_iter"],
+        ridge=settings["backward_ridge"],
+    )
+    with tf.name_scope(kind):
+        problem, y0, args = _prepare(fn, y0, args, settings["batch_dims"], kind)
+        forward_solver, backward = problem.floor(forward_solver), problem.floor(backward)
+        root_fn, solve = build(problem, forward_solver)
+        return _implicit(
+            problem,
+            root_fn,
+            y0,
+            args,
+            _builtin_forward(problem, solve),
+            linear_solver=backward,
+            check_tol=forward_solver.tol,
+            on_failure=settings["on_failure"],
+            return_stats=settings["return_stats"],
+            backward_callback=settings["backward_callback"],
+            what=kind,
+            # argmin's L-BFGS takes gradients of f itself, so tapes must record there
+            pause_tapes=kind != "argmin",
+        )
+
+
+def _settings(local_vars):
+    """The keyword settings of an entry point, from its locals()."""
+    keys = (
+        "solver",
+        "linear_solver",
+        "tol",
+        "max_iter",
+        "backward_tol",
+        "backward_max_iter",
+        "backward_ridge",
+        "batch_dims",
+        "on_failure",
+        "return_stats",
+        "backward_callback",
+    )
+    return {key: local_vars[key] for key in keys}
+
+
 def fixed_point(
     fn,
     z0,
@@ -313,39 +367,24 @@ def fixed_point(
         backward_callback: called with the backward `SolverStats` when the gradient is
             computed (may assign to tf.Variables; works in graphs and under XLA).
     """
-    forward_solver = solvers.get(solver, tol=tol, max_iter=max_iter)
-    backward = linalg.get(
-        linear_solver, tol=backward_tol, max_iter=backward_max_iter, ridge=backward_ridge
-    )
-    with tf.name_scope("fixed_point"):
-        problem, z0, args = _prepare(fn, z0, args, batch_dims, "fixed_point")
-        forward_solver, backward = problem.floor(forward_solver), problem.floor(backward)
+    settings = _settings(locals())
 
+    def build(problem, forward_solver):
         def mapped(z, *a):
             return problem.cast_output(fn(problem.to_user(z), *a))
 
         def root_fn(z, *a):
             return tf.nest.map_structure(tf.subtract, z, mapped(z, *a))
 
-        forward = _builtin_forward(
-            problem,
-            lambda zp, a: forward_solver.solve_fixed_point(
-                lambda v: problem.packer.pack(mapped(problem.packer.unpack(v), *a)), zp
-            ),
-        )
-        return _implicit(
-            problem,
-            root_fn,
-            z0,
-            args,
-            forward,
-            linear_solver=backward,
-            check_tol=forward_solver.tol,
-            on_failure=on_failure,
-            return_stats=return_stats,
-            backward_callback=backward_callback,
-            what="fixed_point",
-        )
+        def solve(zp, a):
+            packer = problem.packer
+            return forward_solver.solve_fixed_point(
+                lambda v: packer.pack(mapped(packer.unpack(v), *a)), zp
+            )
+
+        return root_fn, solve
+
+    return _run_builtin("fixed_point", fn, z0, args, settings, build)
 
 
 def root(
@@ -369,36 +408,21 @@ def root(
     The backward pass solves (dfn/dy)^T w = g. Forward solvers other than Broyden iterate
     y <- y - fn(y), which needs dfn/dy close to the identity. Arguments as `fixed_point`.
     """
-    forward_solver = solvers.get(solver, tol=tol, max_iter=max_iter)
-    backward = linalg.get(
-        linear_solver, tol=backward_tol, max_iter=backward_max_iter, ridge=backward_ridge
-    )
-    with tf.name_scope("root"):
-        problem, y0, args = _prepare(fn, y0, args, batch_dims, "root")
-        forward_solver, backward = problem.floor(forward_solver), problem.floor(backward)
+    settings = _settings(locals())
 
+    def build(problem, forward_solver):
         def root_fn(y, *a):
             return problem.cast_output(fn(problem.to_user(y), *a))
 
-        forward = _builtin_forward(
-            problem,
-            lambda yp, a: forward_solver.solve_root(
-                lambda v: problem.packer.pack(root_fn(problem.packer.unpack(v), *a)), yp
-            ),
-        )
-        return _implicit(
-            problem,
-            root_fn,
-            y0,
-            args,
-            forward,
-            linear_solver=backward,
-            check_tol=forward_solver.tol,
-            on_failure=on_failure,
-            return_stats=return_stats,
-            backward_callback=backward_callback,
-            what="root",
-        )
+        def solve(yp, a):
+            packer = problem.packer
+            return forward_solver.solve_root(
+                lambda v: packer.pack(root_fn(packer.unpack(v), *a)), yp
+            )
+
+        return root_fn, solve
+
+    return _run_builtin("root", fn, y0, args, settings, build)
 
 
 def argmin(
@@ -433,13 +457,9 @@ def argmin(
         solver: "lbfgs" (TFP's L-BFGS, default) or a root solver applied to grad f.
         Other arguments as `fixed_point`; convergence: ||grad f|| / (1 + ||x||) <= tol.
     """
-    forward_solver = solvers.get(solver, tol=tol, max_iter=max_iter)
-    backward = linalg.get(
-        linear_solver, tol=backward_tol, max_iter=backward_max_iter, ridge=backward_ridge
-    )
-    with tf.name_scope("argmin"):
-        problem, x0, args = _prepare(f, x0, args, batch_dims, "argmin")
-        forward_solver, backward = problem.floor(forward_solver), problem.floor(backward)
+    settings = _settings(locals())
+
+    def build(problem, forward_solver):
         packer = problem.packer
 
         def objective(x, *a):
@@ -475,20 +495,9 @@ def argmin(
                     lambda v: packer.pack(root_fn(packer.unpack(v), *a)), xp
                 )
 
-        return _implicit(
-            problem,
-            root_fn,
-            x0,
-            args,
-            _builtin_forward(problem, solve),
-            linear_solver=backward,
-            check_tol=forward_solver.tol,
-            on_failure=on_failure,
-            return_stats=return_stats,
-            backward_callback=backward_callback,
-            what="argmin",
-            pause_tapes=False,
-        )
+        return root_fn, solve
+
+    return _run_builtin("argmin", f, x0, args, settings, build)
 
 
 def _custom(

@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from keras_implicit import _validation
 from keras_implicit._structure import row_norm, safe_divide, while_loop
-from keras_implicit.solvers import SolverStats, broyden_root
+from keras_implicit.solvers import SolverStats, broyden_root, resolve
 
 
 def _dot(a, b):
@@ -489,27 +489,12 @@ _LINEAR_SOLVERS = {cls.name: cls for cls in (CG, BiCGStab, GMRES, Neumann, Broyd
 
 
 def get(identifier, **options) -> LinearSolver:
-    """Returns a linear solver from a name, a config dict or a `LinearSolver` instance."""
-    if isinstance(identifier, LinearSolver):
-        return identifier.with_options(**options)
-    if isinstance(identifier, str):
-        key = identifier.lower()
-        if key not in _LINEAR_SOLVERS:
-            raise ValueError(
-                f"Unknown linear solver. Expected one of {sorted(_LINEAR_SOLVERS)} or a "
-                f"keras_implicit.linalg.LinearSolver. Received: linear_solver={identifier!r}"
-            )
-        return _LINEAR_SOLVERS[key](**{k: v for k, v in options.items() if v is not None})
-    if isinstance(identifier, dict):
-        solver = keras.saving.deserialize_keras_object(identifier)
-        if not isinstance(solver, LinearSolver):
-            raise ValueError(
-                f"The config does not describe a linear solver. Received: {identifier!r}"
-            )
-        return solver.with_options(**options)
-    raise ValueError(
-        "`linear_solver` must be a name, a config dict or a keras_implicit.linalg.LinearSolver. "
-        f"Received: linear_solver={identifier!r}"
+    """Returns a linear solver from a name, a config dict or a `LinearSolver` instance.
+
+    Keyword `options` (tol=, max_iter=, ridge=, ...) as in `ki.solvers.get`.
+    """
+    return resolve(
+        identifier, options, registry=_LINEAR_SOLVERS, base=LinearSolver, argument="linear_solver"
     )
 
 

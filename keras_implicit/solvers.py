@@ -404,31 +404,42 @@ _SOLVERS = {
 }
 
 
+def resolve(identifier, options, *, registry, base, argument):
+    """A solver object from a name, a config dict or an instance of `base`.
+
+    Keyword `options` (e.g. tol=, max_iter=) go to the constructor of a named solver, or
+    replace the matching settings of a given one (None values are ignored). Shared by
+    `solvers.get` and `linalg.get`.
+    """
+    kind = f"{base.__module__}.{base.__name__}"
+    if isinstance(identifier, base):
+        return identifier.with_options(**options)
+    if isinstance(identifier, str):
+        key = identifier.lower()
+        if key not in registry:
+            raise ValueError(
+                f"Unknown {argument}. Expected one of {sorted(registry)} or a {kind}. "
+                f"Received: {argument}={identifier!r}"
+            )
+        return registry[key](**{k: v for k, v in options.items() if v is not None})
+    if isinstance(identifier, dict):
+        solver = keras.saving.deserialize_keras_object(identifier)
+        if not isinstance(solver, base):
+            raise ValueError(f"The config does not describe a {kind}. Received: {identifier!r}")
+        return solver.with_options(**options)
+    raise ValueError(
+        f"`{argument}` must be a name, a config dict or a {kind}. "
+        f"Received: {argument}={identifier!r}"
+    )
+
+
 def get(identifier, **options) -> Solver:
     """Returns a forward solver from a name, a config dict or a `Solver` instance.
 
     Keyword `options` (e.g. tol=, max_iter=) are passed to the constructor of a named
     solver, or replace the matching settings of a given instance (None is ignored).
     """
-    if isinstance(identifier, Solver):
-        return identifier.with_options(**options)
-    if isinstance(identifier, str):
-        key = identifier.lower()
-        if key not in _SOLVERS:
-            raise ValueError(
-                f"Unknown solver. Expected one of {sorted(_SOLVERS)} or a "
-                f"keras_implicit.solvers.Solver. Received: solver={identifier!r}"
-            )
-        return _SOLVERS[key](**{k: v for k, v in options.items() if v is not None})
-    if isinstance(identifier, dict):
-        solver = keras.saving.deserialize_keras_object(identifier)
-        if not isinstance(solver, Solver):
-            raise ValueError(f"The config does not describe a solver. Received: {identifier!r}")
-        return solver.with_options(**options)
-    raise ValueError(
-        f"`solver` must be a name, a config dict or a keras_implicit.solvers.Solver. "
-        f"Received: solver={identifier!r}"
-    )
+    return resolve(identifier, options, registry=_SOLVERS, base=Solver, argument="solver")
 
 
 def serialize(solver: Solver) -> dict:
