@@ -1,0 +1,336 @@
+"""Hypergradient search of Lasso penalties vs grid search (scikit-learn, celer).
+
+For AR(1)-correlated designs with a sparse truth (n=500, p=5000, rho=0.5, 50 nonzeros,
+and a smaller n=200, p=1000 one) this measures
+  - wall time of scikit-learn's 100-alpha held-out path and of ``LassoCV`` (100 alphas,
+    the same 5 contiguous folds), and of celer's path when celer is installed;
+  - wall time of ``ki.lasso.search`` (line search from alpha_max / 10) until its
+    criterion is within 1% of the best grid value, cold (first call in the process,
+    XLA compilation included) and warm (kernels compiled);
+  - the hypergradient time against one inner solve (from zero) at the selected alpha;
+  - on a design with unequal feature relevance, the held-out and test error of the
+    weighted Lasso (one penalty per feature) against the best single alpha.
+Ratios are printed and written to benchmarks/results/lasso.json and lasso.md
+(lasso_quick.* with --quick).
+
+    python benchmarks/bench_lasso.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+import warnings
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np
+
+import keras_implicit.lasso as L
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+N_ALPHAS = 100
+WITHIN = 1.01
+
+
+def ar1_design(n, p, rho, k, seed=0, snr=3.0):
+    rng = np.random.default_rng(seed)
+    X = np.empty((n, p))
+    X[:, 0] = rng.standard_normal(n)
+    scale = np.sqrt(1 - rho**2)
+    for j in range(1, p):
+        X[:, j] = rho * X[:, j - 1] + scale * rng.standard_normal(n)
+    beta = np.zeros(p)
+    support = rng.choice(p, k, replace=False)
+    beta[support] = rng.choice([-1.0, 1.0], k) * rng.uniform(0.5, 2.0, k)
+    signal = X @ beta
+    y = signal + rng.standard_normal(n) * signal.std() / snr
+    return X, y, beta
+
+
+def split(X, y):
+    half = X.shape[0] // 2
+    return X[:half], y[:half], X[half:], y[half:]
+
+
+def held_out_mse(coef, intercept, X_val, y_val):
+    return float(np.mean((y_val - X_val @ coef - intercept) ** 2))
+
+
+def sklearn_grid(X, y, X_val, y_val, alphas):
+    """Held-out criterion along scikit-learn's warm-started path (centered like Lasso)."""
+    from sklearn.linear_model import lasso_path
+
+    tic = time.perf_counter()
+    x_mean, y_mean = X.mean(0), y.mean()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, coefs, _ = lasso_path(X - x_mean, y - y_mean, alphas=alphas, tol=1e-4)
+    values = [
+        held_out_mse(coefs[:, i], y_mean - x_mean @ coefs[:, i], X_val, y_val)
+        for i in range(alphas.size)
+    ]
+    return np.array(values), time.perf_counter() - tic
+
+
+def celer_grid(X, y, X_val, y_val, alphas):
+    try:
+        from celer import Lasso as CelerLasso
+    except ImportError:
+        return None, None
+    tic = time.perf_counter()
+    model = CelerLasso(alpha=alphas[0], warm_start=True, tol=1e-4)
+    values = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for alpha in alphas:
+            model.alpha = alpha
+            model.fit(X, y)
+            values.append(held_out_mse(model.coef_, model.intercept_, X_val, y_val))
+    return np.array(values), time.perf_counter() - tic
+
+
+def sklearn_lasso_cv(X, y, alphas, cv):
+    from sklearn.linear_model import LassoCV
+    from sklearn.model_selection import KFold
+
+    tic = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = LassoCV(alphas=alphas, cv=KFold(cv), tol=1e-4).fit(X, y)
+    return float(model.mse_path_.mean(axis=1).min()), time.perf_counter() - tic
+
+
+def time_to_target(result, target):
+    """Elapsed seconds at the first evaluation within the target (None if never)."""
+    for entry in result.trace:
+        if entry["criterion"] <= target:
+            return entry["elapsed"]
+    return None
+
+
+def run_search(X, y, criterion, start, max_iter=30):
+    tic = time.perf_counter()
+    result = L.search(L.Lasso(alpha=start), criterion, X, y, max_iter=max_iter, verbose=0)
+    return result, time.perf_counter() - tic
+
+
+def hypergradient_vs_solve(X, y, criterion, alpha, repeats=5):
+    """Median times of one inner solve from zero and one hypergradient from it."""
+    model = L.Lasso(alpha=alpha)
+    model.fit(X, y)  # compile for this working-set size
+    solves, grads = [], []
+    for _ in range(repeats):
+        fresh = L.Lasso(alpha=alpha)
+        tic = time.perf_counter()
+        fresh.fit(X, y)
+        solves.append(time.perf_counter() - tic)
+        tic = time.perf_counter()
+        L.hypergradient(fresh, criterion, X, y, coef=fresh.coef_, intercept=fresh.intercept_)
+        grads.append(time.perf_counter() - tic)
+    return float(np.median(solves)), float(np.median(grads)), int(np.count_nonzero(fresh.coef_))
+
+
+def scenario(name, n, p, rho, k, cv_folds, do_cv, seed=0):
+    print(f"\n== {name}: n={n} (train) + {n} (validation), p={p}, rho={rho}, {k} nonzeros")
+    X_all, y_all, _ = ar1_design(2 * n, p, rho, k, seed=seed)
+    X, y, X_val, y_val = split(X_all, y_all)
+    criterion = L.HeldOutMSE(X_val, y_val)
+    a_max = L.alpha_max(X, y)
+    alphas = a_max * np.logspace(0, -3, N_ALPHAS)
+    out = {"n": n, "p": p, "rho": rho, "nonzeros": k}
+
+    cold, cold_total = run_search(X, y, criterion, a_max / 10)  # first: XLA compiles here
+    grid_values, grid_time = sklearn_grid(X, y, X_val, y_val, alphas)
+    best = float(grid_values.min())
+    target = WITHIN * best
+    warm, warm_total = run_search(X, y, criterion, a_max / 10)
+    out["grid"] = {
+        "best_value": best,
+        "best_alpha": float(alphas[np.argmin(grid_values)]),
+        "seconds": grid_time,
+    }
+    for label, result, total in (
+        ("search_cold", cold, cold_total),
+        ("search_warm", warm, warm_total),
+    ):
+        reached = time_to_target(result, target)
+        out[label] = {
+            "best_value": result.best_value,
+            "best_alpha": float(result.best_penalties[0]),
+            "evaluations": len(result.trace),
+            "seconds_total": total,
+            "seconds_to_within_1pct": reached,
+            "speedup_vs_grid": None if reached is None else grid_time / reached,
+        }
+        print(
+            f"{label}: best {result.best_value:.4f} vs grid {best:.4f}; within 1% after "
+            f"{reached if reached is None else round(reached, 3)} s "
+            f"(grid {grid_time:.2f} s, x{out[label]['speedup_vs_grid'] or float('nan'):.1f}); "
+            f"{len(result.trace)} evaluations in {total:.2f} s"
+        )
+    celer_values, celer_time = celer_grid(X, y, X_val, y_val, alphas)
+    if celer_values is not None:
+        out["celer_grid"] = {"best_value": float(celer_values.min()), "seconds": celer_time}
+        print(f"celer 100-alpha path: {celer_time:.2f} s (best {celer_values.min():.4f})")
+
+    solve_t, grad_t, support = hypergradient_vs_solve(X, y, criterion, warm.best_penalties[0])
+    out["hypergradient"] = {
+        "solve_seconds": solve_t,
+        "hypergradient_seconds": grad_t,
+        "ratio": grad_t / solve_t,
+        "support_size": support,
+    }
+    print(
+        f"hypergradient {grad_t * 1e3:.1f} ms vs inner solve {solve_t * 1e3:.1f} ms "
+        f"(ratio {grad_t / solve_t:.2f}, |S|={support})"
+    )
+
+    if do_cv:
+        cv_best, cv_time = sklearn_lasso_cv(X_all, y_all, alphas, cv_folds)
+        tic = time.perf_counter()
+        cv_result = L.search(
+            L.Lasso(alpha=a_max / 10),
+            L.CrossVal("mse", cv=cv_folds),
+            X_all,
+            y_all,
+            max_iter=30,
+            verbose=0,
+        )
+        cv_total = time.perf_counter() - tic
+        reached = time_to_target(cv_result, WITHIN * cv_best)
+        out["cross_validation"] = {
+            "lassocv_best": cv_best,
+            "lassocv_seconds": cv_time,
+            "search_best": cv_result.best_value,
+            "search_seconds_total": cv_total,
+            "search_seconds_to_within_1pct": reached,
+            "speedup": None if reached is None else cv_time / reached,
+        }
+        print(
+            f"LassoCV ({cv_folds} folds): {cv_time:.2f} s best {cv_best:.4f}; search "
+            f"best {cv_result.best_value:.4f}, within 1% after {reached} s"
+        )
+    return out
+
+
+def weighted_scenario(n, p, seed=1):
+    """Unequal relevance: a few strong features, several weak ones, many null ones."""
+    print(f"\n== weighted Lasso: n={n} train / {n} validation / {n} test, p={p}")
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((3 * n, p))
+    beta = np.zeros(p)
+    beta[:5] = 3.0
+    beta[5:20] = 0.5
+    y = X @ beta + rng.standard_normal(3 * n) * 1.5
+    X_tr, y_tr = X[:n], y[:n]
+    X_val, y_val = X[n : 2 * n], y[n : 2 * n]
+    X_te, y_te = X[2 * n :], y[2 * n :]
+    criterion = L.HeldOutMSE(X_val, y_val)
+    single = L.search(
+        L.Lasso(alpha=L.alpha_max(X_tr, y_tr) / 10), criterion, X_tr, y_tr, max_iter=30, verbose=0
+    )
+    weighted = L.search(
+        L.WeightedLasso(alphas=np.full(p, single.best_penalties[0])),
+        criterion,
+        X_tr,
+        y_tr,
+        optimizer="adam",
+        max_iter=60,
+        verbose=0,
+    )
+    test_single = held_out_mse(single.best_model.coef_, single.best_model.intercept_, X_te, y_te)
+    test_weighted = held_out_mse(
+        weighted.best_model.coef_, weighted.best_model.intercept_, X_te, y_te
+    )
+    out = {
+        "n": n,
+        "p": p,
+        "single_validation": single.best_value,
+        "weighted_validation": weighted.best_value,
+        "single_test": test_single,
+        "weighted_test": test_weighted,
+    }
+    print(
+        f"validation MSE: single alpha {single.best_value:.4f}, weighted "
+        f"{weighted.best_value:.4f}; test MSE: single {test_single:.4f}, weighted "
+        f"{test_weighted:.4f}"
+    )
+    return out
+
+
+def write(results):
+    os.makedirs(RESULTS, exist_ok=True)
+    stem = "lasso_quick" if results["quick"] else "lasso"  # a quick run keeps real results
+    with open(os.path.join(RESULTS, f"{stem}.json"), "w") as fh:
+        json.dump(results, fh, indent=2, default=float)
+    lines = [
+        "# Lasso hypergradient benchmark",
+        "",
+        f"Machine: {results['machine']}; quick={results['quick']}; 1-minute load average "
+        f"{results['load_average_1min_start']:.1f} at the start, "
+        f"{results['load_average_1min_end']:.1f} at the end (other jobs shared the cores: "
+        "absolute times are inflated; ratios within one run less so).",
+        "",
+        "| design | grid (s) | search to 1% cold (s) | warm (s) | speedup cold / warm | "
+        "hypergradient / solve | LassoCV (s) | CV search to 1% (s) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for key, s in results["scenarios"].items():
+        cv = s.get("cross_validation", {})
+
+        def fmt(value, digits=2):
+            return "n/a" if value is None else f"{value:.{digits}f}"
+
+        lines.append(
+            f"| {key} (n={s['n']}, p={s['p']}) | {fmt(s['grid']['seconds'])} | "
+            f"{fmt(s['search_cold']['seconds_to_within_1pct'])} | "
+            f"{fmt(s['search_warm']['seconds_to_within_1pct'])} | "
+            f"{fmt(s['search_cold']['speedup_vs_grid'], 1)} / "
+            f"{fmt(s['search_warm']['speedup_vs_grid'], 1)} | "
+            f"{fmt(s['hypergradient']['ratio'])} | {fmt(cv.get('lassocv_seconds'))} | "
+            f"{fmt(cv.get('search_seconds_to_within_1pct'))} |"
+        )
+    w = results["weighted"]
+    lines += [
+        "",
+        f"Weighted Lasso (n={w['n']}, p={w['p']}): validation MSE "
+        f"{w['weighted_validation']:.4f} vs best single alpha {w['single_validation']:.4f};"
+        f" test MSE {w['weighted_test']:.4f} vs {w['single_test']:.4f}.",
+        "",
+        "Cold = first search in a fresh process, XLA compilation included; warm = "
+        "the same search again. Grid = scikit-learn lasso_path (100 alphas, tol 1e-4) "
+        "+ held-out MSE.",
+    ]
+    with open(os.path.join(RESULTS, f"{stem}.md"), "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny problems")
+    args = parser.parse_args(argv)
+    results = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "load_average_1min_start": os.getloadavg()[0],
+        "quick": args.quick,
+        "scenarios": {},
+    }
+    if args.quick:
+        specs = [("small", 60, 300, 0.5, 10, 3, True)]
+    else:
+        specs = [("large", 500, 5000, 0.5, 50, 5, True), ("small", 200, 1000, 0.5, 20, 5, True)]
+    for name, n, p, rho, k, folds, do_cv in specs:
+        results["scenarios"][name] = scenario(name, n, p, rho, k, folds, do_cv)
+    results["weighted"] = weighted_scenario(50 if args.quick else 100, 40 if args.quick else 100)
+    results["load_average_1min_end"] = os.getloadavg()[0]
+    write(results)
+    stem = "lasso_quick" if args.quick else "lasso"
+    print(f"\nwrote {os.path.join(RESULTS, stem)}.json and .md")
+
+
+if __name__ == "__main__":
+    main()

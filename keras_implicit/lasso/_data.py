@@ -1,0 +1,223 @@
+"""Input checks and the design-matrix wrapper shared by solvers and hypergradients.
+
+Everything is computed in float64: Lasso solutions are compared to scikit-learn at
+1e-6 and hypergradients to finite differences at 1e-4, which float32 cannot deliver
+on correlated designs.
+
+`Design` hides three things from the solvers:
+- dense (tf.Tensor) versus sparse (tf.SparseTensor for products, a scipy CSC copy for
+  cheap column gathers) storage;
+- implicit column centering (``X - 1 mu^T``) so that a sparse X stays sparse when the
+  intercept is fitted (the same trick scikit-learn uses for sparse input);
+- row subsets for cross-validation folds.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+import scipy.sparse as sp
+import tensorflow as tf
+
+DTYPE = tf.float64
+
+
+def _is_tf_sparse(X) -> bool:
+    return isinstance(X, tf.SparseTensor)
+
+
+def _check_finite(name: str, values: np.ndarray) -> None:
+    if not np.all(np.isfinite(values)):
+        raise ValueError(
+            f"Input `{name}` contains NaN or infinity. Remove or impute those entries "
+            "before fitting."
+        )
+
+
+def as_design_input(X, name: str = "X"):
+    """Returns ``X`` as a float64 numpy array or a float64 scipy CSC matrix."""
+    if X is None:
+        raise ValueError(f"`{name}` must be a 2-D array or sparse matrix. Received: {name}=None")
+    if _is_tf_sparse(X):
+        X = tf.sparse.reorder(X)
+        indices = X.indices.numpy()
+        shape = tuple(int(s) for s in X.dense_shape.numpy())
+        if len(shape) != 2:
+            raise ValueError(
+                f"`{name}` must be 2-D (n_samples, n_features). Received shape {shape}."
+            )
+        values = np.asarray(X.values.numpy(), dtype=np.float64)
+        X = sp.csc_matrix((values, (indices[:, 0], indices[:, 1])), shape=shape)
+    if sp.issparse(X):
+        X = sp.csc_matrix(X, dtype=np.float64)
+        X.sum_duplicates()
+        if X.ndim != 2:
+            raise ValueError(f"`{name}` must be 2-D. Received shape {X.shape}.")
+        _check_finite(name, X.data)
+    else:
+        if isinstance(X, tf.Tensor | tf.Variable):
+            X = X.numpy()
+        X = np.asarray(X, dtype=np.float64)
+        if X.ndim != 2:
+            raise ValueError(
+                f"`{name}` must be 2-D (n_samples, n_features). Received shape {X.shape}."
+            )
+        _check_finite(name, X)
+    if X.shape[0] < 1 or X.shape[1] < 1:
+        raise ValueError(
+            f"`{name}` must have at least one sample and one feature. Received shape {X.shape}."
+        )
+    return X
+
+
+def as_target(y, n_samples: int, name: str = "y") -> np.ndarray:
+    """Returns ``y`` as a 1-D float64 array of length ``n_samples``."""
+    if isinstance(y, tf.Tensor | tf.Variable):
+        y = y.numpy()
+    y = np.asarray(y)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1:
+        raise ValueError(f"`{name}` must be 1-D (n_samples,). Received shape {y.shape}.")
+    if y.shape[0] != n_samples:
+        raise ValueError(
+            f"`X` and `{name}` have mismatched numbers of samples: X has {n_samples} rows, "
+            f"{name} has {y.shape[0]} entries."
+        )
+    try:
+        y = y.astype(np.float64)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"`{name}` must be numeric. Received dtype {y.dtype}.") from err
+    _check_finite(name, y)
+    return y
+
+
+def check_n_features(X, n_features: int, name: str = "X") -> None:
+    if X.shape[1] != n_features:
+        raise ValueError(
+            f"`{name}` has {X.shape[1]} features but the model expects {n_features} "
+            "(the number of features of the training data)."
+        )
+
+
+def labels_to_pm1(y: np.ndarray, classes: np.ndarray | None = None, name: str = "y"):
+    """Maps two-class labels to -1/+1: the smaller label to -1, the larger to +1.
+
+    With ``classes`` given (from a fitted model) the mapping of that model is used, so
+    {0, 1} and {-1, 1} labels both work and validation labels must be known classes.
+    """
+    if classes is None:
+        classes = np.unique(y)
+        if classes.shape[0] != 2:
+            raise ValueError(
+                f"`{name}` must contain exactly two classes (e.g. {{-1, 1}} or {{0, 1}}). "
+                f"Received classes: {classes.tolist()}"
+            )
+    unknown = ~np.isin(y, classes)
+    if np.any(unknown):
+        raise ValueError(
+            f"`{name}` contains labels {np.unique(y[unknown]).tolist()} that are not among "
+            f"the model classes {classes.tolist()}."
+        )
+    return np.where(y == classes[1], 1.0, -1.0), classes
+
+
+class Design:
+    """A design matrix, possibly sparse and implicitly column-centered.
+
+    All products return float64 tf.Tensors. ``offset`` (length p) is subtracted from
+    every column: ``Xc = X - 1 offset^T``.
+    """
+
+    def __init__(self, X, offset: np.ndarray | None = None):
+        self.is_sparse = sp.issparse(X)
+        self.n, self.p = X.shape
+        self._np = X  # numpy array or scipy CSC
+        if self.is_sparse:
+            coo = X.tocoo()
+            indices = np.stack([coo.row, coo.col], axis=1).astype(np.int64)
+            order = np.lexsort((indices[:, 1], indices[:, 0]))
+            self._tf = tf.SparseTensor(indices[order], coo.data[order], dense_shape=X.shape)
+        else:
+            self._tf = tf.constant(X, dtype=DTYPE)
+        self.offset = None if offset is None else np.asarray(offset, dtype=np.float64)
+        self._offset_tf = None if offset is None else tf.constant(self.offset, dtype=DTYPE)
+        self._col_sq_norms = None
+
+    # -- construction helpers -------------------------------------------------------
+    @classmethod
+    def from_input(cls, X, center: bool = False):
+        X = as_design_input(X)
+        return cls.centered(X) if center else cls(X)
+
+    @classmethod
+    def centered(cls, X):
+        """Centers dense X explicitly (faster products) and sparse X implicitly."""
+        mean = np.asarray(X.mean(axis=0)).ravel()
+        if sp.issparse(X):
+            return cls(X, offset=mean), mean
+        return cls(X - mean), mean
+
+    def raw(self):
+        """The stored numpy / scipy matrix (without the implicit offset)."""
+        return self._np
+
+    # -- products -------------------------------------------------------------------
+    def matvec(self, coef) -> tf.Tensor:
+        """Xc @ coef for a length-p vector."""
+        coef = tf.convert_to_tensor(coef, dtype=DTYPE)
+        if self.is_sparse:
+            out = tf.sparse.sparse_dense_matmul(self._tf, coef[:, None])[:, 0]
+        else:
+            out = tf.linalg.matvec(self._tf, coef)
+        if self._offset_tf is not None:
+            out = out - tf.tensordot(self._offset_tf, coef, 1)
+        return out
+
+    def rmatvec(self, r) -> tf.Tensor:
+        """Xc^T @ r for a length-n vector."""
+        r = tf.convert_to_tensor(r, dtype=DTYPE)
+        if self.is_sparse:
+            out = tf.sparse.sparse_dense_matmul(self._tf, r[:, None], adjoint_a=True)[:, 0]
+        else:
+            out = tf.linalg.matvec(self._tf, r, transpose_a=True)
+        if self._offset_tf is not None:
+            out = out - self._offset_tf * tf.reduce_sum(r)
+        return out
+
+    def columns(self, idx) -> tf.Tensor:
+        """Dense (n, len(idx)) block of Xc."""
+        idx = np.asarray(idx, dtype=np.int64)
+        if self.is_sparse:
+            block = tf.constant(self._np[:, idx].toarray(), dtype=DTYPE)
+        else:
+            block = tf.gather(self._tf, idx, axis=1)
+        if self.offset is not None:
+            block = block - tf.constant(self.offset[idx], dtype=DTYPE)[None, :]
+        return block
+
+    def column_sq_norms(self) -> np.ndarray:
+        """||Xc_j||^2 for every column (cached)."""
+        if self._col_sq_norms is None:
+            if self.is_sparse:
+                sq = np.asarray(self._np.multiply(self._np).sum(axis=0)).ravel()
+                if self.offset is not None:
+                    s = np.asarray(self._np.sum(axis=0)).ravel()
+                    sq = sq - 2 * self.offset * s + self.n * self.offset**2
+            else:
+                sq = tf.reduce_sum(tf.square(self._tf), axis=0).numpy()
+            self._col_sq_norms = np.maximum(sq, 0.0)
+        return self._col_sq_norms
+
+
+def take_rows(X, idx):
+    """Row subset of a numpy array or scipy matrix (kept in CSC for sparse input)."""
+    idx = np.asarray(idx)
+    if sp.issparse(X):
+        return sp.csc_matrix(X.tocsr()[idx])
+    return X[idx]
+
+
+def is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)

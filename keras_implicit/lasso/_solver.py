@@ -1,0 +1,335 @@
+"""Working-set drivers around the XLA coordinate-descent kernel of ``_kernels.py``.
+
+Each outer iteration makes one pass over the full data (``X^T r``), computes the
+global duality gap, keeps the current support plus the features that violate the
+optimality conditions the most (score ``|X_j^T r / n - l2 b_j| / alpha_j``, as in
+celer / skglm) and solves the problem restricted to that working set: XLA runs the
+coordinate-descent epochs, the host does the O(W^2) bookkeeping between calls
+(duality gap, Anderson extrapolation; for the logistic loss the proximal-Newton
+Hessian and line search). Working sets are padded to widths 64 * 4^k so that XLA
+compiles a handful of shapes. The Gram block of the last working set is cached on the
+design: warm starts along a hyperparameter search share most of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import tensorflow as tf
+
+from keras_implicit.lasso import _kernels
+from keras_implicit.lasso._data import DTYPE, Design
+
+MIN_WS_SIZE = 64
+SUBPROBLEM_GAP_FRACTION = 0.3  # solve working sets to this fraction of the global gap
+MAX_EPOCHS = 20_000
+MAX_NEWTON = 100
+
+_compiled = {}
+
+
+def cd_epochs_xla():
+    """The ``jit_compile=True`` version of ``_kernels.cd_epochs`` (built once).
+
+    ``autograph=False`` everywhere: the kernels use explicit ``tf.while_loop`` and
+    AutoGraph's source conversion was measured to cost seconds of cold-start time."""
+    if "cd_epochs" not in _compiled:
+        _compiled["cd_epochs"] = tf.function(_kernels.cd_epochs, jit_compile=True, autograph=False)
+    return _compiled["cd_epochs"]
+
+
+_MATRIX = tf.TensorSpec([None, None], DTYPE)
+_VECTOR = tf.TensorSpec([None], DTYPE)
+_SCALAR = tf.TensorSpec([], DTYPE)
+_INT = tf.TensorSpec([], tf.int32)
+_SIGNATURES = {
+    # H, c, beta, alphas, yy, l2, tol, max_epochs
+    "cd_quadratic": [_MATRIX, _VECTOR, _VECTOR, _VECTOR, _SCALAR, _SCALAR, _SCALAR, _INT],
+    # A, y, mask, n, alphas, beta, tol, max_newton
+    "logistic_prox_newton": [_MATRIX, _VECTOR, _VECTOR, _SCALAR, _VECTOR, _VECTOR, _SCALAR, _INT],
+}
+
+
+def _graph_solver(name):
+    """``_kernels.<name>`` as one shape-polymorphic graph whose CD epochs are XLA.
+
+    The bookkeeping graph is traced once per process (input signature with unknown
+    sizes); only the small epoch kernel is compiled again for each bucket width.
+    """
+    if name not in _compiled:
+        kernel = getattr(_kernels, name)
+
+        def solver(*args):
+            return kernel(*args, epochs_fn=cd_epochs_xla())
+
+        _compiled[name] = tf.function(solver, input_signature=_SIGNATURES[name], autograph=False)
+    return _compiled[name]
+
+
+def bucket(size: int, minimum: int = MIN_WS_SIZE) -> int:
+    """Smallest ``minimum * 4^k >= size``: few distinct XLA shapes.
+
+    Every new width costs an XLA compilation (0.3-1 s on a small CPU) while padded
+    coordinates cost ~0.2 us per epoch, so widths grow by 4x rather than 2x.
+    """
+    width = minimum
+    while width < size:
+        width *= 4
+    return width
+
+
+@dataclasses.dataclass
+class Solution:
+    """What a working-set solve returns."""
+
+    coef: np.ndarray
+    intercept: float
+    gap: float
+    tol: float
+    converged: bool
+    n_iter: int
+    n_epochs: int
+    primal: float
+
+
+def _working_set(scores: np.ndarray, support: np.ndarray, previous: int) -> np.ndarray:
+    """Support plus the most violating features, sorted."""
+    p = scores.shape[0]
+    size = min(p, max(MIN_WS_SIZE, 2 * int(support.sum()), previous))
+    if size >= p:
+        return np.arange(p)
+    ranked = np.where(support, np.inf, scores)
+    chosen = np.argpartition(-ranked, size - 1)[:size]
+    return np.sort(chosen)
+
+
+class _GramCache:
+    """Gram block ``Xc_W^T Xc_W / n`` of the last working set of a design."""
+
+    def __init__(self):
+        self.index = np.zeros(0, dtype=np.int64)
+        self.gram = np.zeros((0, 0))
+
+    def block(self, design: Design, index: np.ndarray) -> np.ndarray:
+        positions = np.searchsorted(self.index, index)
+        positions = np.minimum(positions, max(self.index.size - 1, 0))
+        known_mask = (
+            self.index[positions] == index if self.index.size else np.zeros(index.size, bool)
+        )
+        known, new = index[known_mask], index[~known_mask]
+        out = np.empty((index.size, index.size))
+        if known.size:
+            pos = positions[known_mask]
+            out[np.ix_(known_mask, known_mask)] = self.gram[np.ix_(pos, pos)]
+        if new.size:
+            x_new = design.columns(new)
+            out[np.ix_(~known_mask, ~known_mask)] = (
+                tf.matmul(x_new, x_new, transpose_a=True).numpy() / design.n
+            )
+            if known.size:
+                cross = tf.matmul(design.columns(known), x_new, transpose_a=True).numpy()
+                cross /= design.n
+                out[np.ix_(known_mask, ~known_mask)] = cross
+                out[np.ix_(~known_mask, known_mask)] = cross.T
+        self.index, self.gram = index, out
+        return out
+
+
+def cached_gram(design: Design, index: np.ndarray):
+    """``Xc_S^T Xc_S / n`` from the design's cached block if it covers ``index``."""
+    cache = getattr(design, "_gram_cache", None)
+    if cache is None or cache.index.size == 0:
+        return None
+    positions = np.minimum(np.searchsorted(cache.index, index), cache.index.size - 1)
+    if not np.all(cache.index[positions] == index):
+        return None
+    return cache.gram[np.ix_(positions, positions)]
+
+
+def gram_block(design: Design, index: np.ndarray) -> np.ndarray:
+    """``Xc_W^T Xc_W / n`` for sorted ``index``, reusing the design's cached block."""
+    cache = getattr(design, "_gram_cache", None)
+    if cache is None:
+        cache = design._gram_cache = _GramCache()
+    return cache.block(design, np.asarray(index, dtype=np.int64))
+
+
+def _sub_tolerance(gap: float, tol_abs: float) -> float:
+    return max(SUBPROBLEM_GAP_FRACTION * min(gap, 10.0 * tol_abs), 0.3 * tol_abs)
+
+
+def _padded(vector, width, fill=0.0):
+    out = np.full(width, fill)
+    out[: vector.shape[0]] = vector
+    return out
+
+
+# ---------------------------------------------------------------------------------
+# Squared loss (Lasso, elastic net, weighted Lasso)
+# ---------------------------------------------------------------------------------
+def solve_gram_problem(H, c, beta, alphas, yy, l2, tol, max_epochs):
+    """CD + Anderson on ``1/2 b^T H b - c^T b + sum alphas |b|``.
+
+    Arrays must already be padded to a bucket width. Returns numpy
+    ``(beta, gap, epochs)``.
+    """
+    beta, gap, epochs = _graph_solver("cd_quadratic")(
+        tf.constant(H),
+        tf.constant(c),
+        tf.constant(beta),
+        tf.constant(alphas),
+        tf.constant(yy, DTYPE),
+        tf.constant(l2, DTYPE),
+        tf.constant(tol, DTYPE),
+        tf.constant(max_epochs, tf.int32),
+    )
+    return beta.numpy(), float(gap), int(epochs)
+
+
+def _residual(design: Design, y_tf, beta: np.ndarray):
+    support = np.flatnonzero(beta)
+    if support.size == 0:
+        return y_tf
+    if support.size < design.p // 4:
+        return y_tf - tf.linalg.matvec(design.columns(support), tf.constant(beta[support]))
+    return y_tf - design.matvec(tf.constant(beta))
+
+
+def solve_quadratic(
+    design: Design,
+    y: np.ndarray,
+    alphas: np.ndarray,
+    l2: float,
+    coef0: np.ndarray | None,
+    tol: float,
+    max_iter: int,
+    max_epochs: int = MAX_EPOCHS,
+) -> Solution:
+    """Minimizes ``1/(2n)||y - Xc b||^2 + sum alphas_j |b_j| + l2/2 ||b||^2``.
+
+    ``y`` must already be centered when ``design`` is (intercept handled by the caller).
+    ``tol`` is relative: stop when the gap <= ``tol * ||y||^2 / n`` (scikit-learn's rule).
+    """
+    n, p = design.n, design.p
+    y_tf = tf.constant(y, dtype=DTYPE)
+    yy = float(y @ y) / n
+    tol_abs = tol * yy
+    beta = np.zeros(p) if coef0 is None else np.array(coef0, dtype=np.float64)
+    xty = None
+    ws_size, epochs, gap, primal = 0, 0, np.inf, np.inf
+    converged = False
+    it = 0
+    for it in range(max_iter + 1):
+        r = _residual(design, y_tf, beta)
+        xtr = design.rmatvec(r).numpy() / n
+        rr = float(tf.tensordot(r, r, 1)) / n
+        yr = float(tf.tensordot(y_tf, r, 1)) / n
+        gap, primal = (float(v) for v in _kernels.quadratic_gap(xtr, yr, rr, beta, alphas, l2))
+        if gap <= tol_abs:
+            converged = True
+            break
+        if it == max_iter:
+            break
+        index = _working_set(np.abs(xtr - l2 * beta) / alphas, beta != 0, ws_size)
+        ws_size = index.size
+        if xty is None:
+            xty = design.rmatvec(y_tf).numpy() / n
+        width = bucket(index.size)
+        H = np.zeros((width, width))
+        H[: index.size, : index.size] = gram_block(design, index)
+        H[np.arange(index.size), np.arange(index.size)] += l2
+        sub_beta, _, sub_epochs = solve_gram_problem(
+            H,
+            _padded(xty[index], width),
+            _padded(beta[index], width),
+            _padded(alphas[index], width, 1.0),
+            yy,
+            l2,
+            _sub_tolerance(gap, tol_abs),
+            max_epochs,
+        )
+        epochs += sub_epochs
+        beta[index] = sub_beta[: index.size]
+    return Solution(beta, 0.0, gap, tol_abs, converged, it, epochs, primal)
+
+
+# ---------------------------------------------------------------------------------
+# Logistic loss
+# ---------------------------------------------------------------------------------
+def solve_logistic_block(A, y, alphas, beta, tol, max_newton):
+    """Proximal Newton on a dense block ``A`` (padded columns zero)."""
+    n = A.shape[0]
+    beta, gap, steps = _graph_solver("logistic_prox_newton")(
+        tf.constant(A),
+        tf.constant(y),
+        tf.ones([n], DTYPE),
+        tf.constant(float(n), DTYPE),
+        tf.constant(alphas),
+        tf.constant(beta),
+        tf.constant(tol, DTYPE),
+        tf.constant(max_newton, tf.int32),
+    )
+    return beta.numpy(), float(gap), int(steps)
+
+
+def solve_logistic(
+    design: Design,
+    y_pm: np.ndarray,
+    alphas: np.ndarray,
+    fit_intercept: bool,
+    coef0: np.ndarray | None,
+    intercept0: float,
+    tol: float,
+    max_iter: int,
+    max_newton: int = MAX_NEWTON,
+) -> Solution:
+    """Minimizes ``1/n sum log(1 + exp(-y_i (x_i^T b + b0))) + sum alphas_j |b_j|``.
+
+    ``tol`` is relative to the objective at zero (``log 2``): stop when gap <= tol log 2.
+    """
+    n, p = design.n, design.p
+    y_tf = tf.constant(y_pm, dtype=DTYPE)
+    tol_abs = tol * np.log(2.0)
+    beta = np.zeros(p) if coef0 is None else np.array(coef0, dtype=np.float64)
+    b0 = float(intercept0) if fit_intercept else 0.0
+    ws_size, steps, gap, primal = 0, 0, np.inf, np.inf
+    converged = False
+    it = 0
+    for it in range(max_iter + 1):
+        z = design.matvec(tf.constant(beta)) + b0
+        prob = tf.math.sigmoid(-y_tf * z)
+        xtr = design.rmatvec(y_tf * prob).numpy() / n
+        z_np, prob_np = z.numpy(), prob.numpy()
+        gap, primal = (
+            float(v) for v in _kernels.logistic_gap(xtr, z_np, y_pm, 1.0, n, alphas, beta)
+        )
+        if fit_intercept:
+            g0 = float(y_pm @ prob_np) / n
+            h0 = float(np.sum(prob_np * (1.0 - prob_np))) / n
+            gap += g0 * g0 / (2.0 * max(h0, 1e-300))
+        if gap <= tol_abs:
+            converged = True
+            break
+        if it == max_iter:
+            break
+        index = _working_set(np.abs(xtr) / alphas, beta != 0, ws_size)
+        ws_size = index.size
+        extra = 1 if fit_intercept else 0
+        width = bucket(index.size + extra)
+        A = np.zeros((n, width))
+        A[:, : index.size] = design.columns(index).numpy()
+        a = _padded(alphas[index], width, 1.0)
+        start = _padded(beta[index], width)
+        if fit_intercept:
+            A[:, index.size] = 1.0
+            a[index.size] = 0.0
+            start[index.size] = b0
+        sub_beta, _, sub_steps = solve_logistic_block(
+            A, y_pm, a, start, _sub_tolerance(gap, tol_abs), max_newton
+        )
+        steps += sub_steps
+        beta[index] = sub_beta[: index.size]
+        if fit_intercept:
+            b0 = float(sub_beta[index.size])
+    return Solution(beta, b0, gap, tol_abs, converged, it, steps, primal)

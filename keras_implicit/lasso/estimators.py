@@ -1,0 +1,453 @@
+"""Lasso-type estimators with scikit-learn conventions and a TensorFlow inner solver.
+
+Objectives (n samples; with ``fit_intercept=True`` the squared-loss models center X
+and y exactly like scikit-learn, and the logistic model fits an unpenalized intercept):
+
+- ``Lasso(alpha)``:            1/(2n) ||y - Xb||^2 + alpha ||b||_1
+- ``ElasticNet(alpha_l1, alpha_l2)``:
+                                1/(2n) ||y - Xb||^2 + alpha_l1 ||b||_1 + alpha_l2/2 ||b||^2
+  (scikit-learn's ``ElasticNet(alpha, l1_ratio)`` is ``alpha_l1 = alpha * l1_ratio``,
+  ``alpha_l2 = alpha * (1 - l1_ratio)``; each penalty is its own hyperparameter here so
+  that hypergradients are taken with respect to each of them.)
+- ``WeightedLasso(alphas)``:   1/(2n) ||y - Xb||^2 + sum_j alphas_j |b_j|
+- ``SparseLogisticRegression(alpha)``:
+                                1/n sum_i log(1 + exp(-y_i (x_i^T b + b0))) + alpha ||b||_1
+  with labels in {-1, 1} or {0, 1} (any two labels: the smaller maps to -1). It matches
+  scikit-learn's ``LogisticRegression(l1_ratio=1, C=1 / (n alpha), solver="saga")``.
+
+Every model stops on its duality gap: ``gap <= tol * ||y - mean(y)||^2 / n`` for the
+squared loss (scikit-learn's rule) and ``gap <= tol * log(2)`` for the logistic loss
+(the objective at zero). ``dual_gap_`` reports the final gap of the (1/n-normalized)
+objective above, ``n_iter_`` the number of working-set iterations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import warnings
+
+import numpy as np
+import scipy.sparse as sp
+
+from keras_implicit import _validation as V
+from keras_implicit.errors import ConvergenceWarning
+from keras_implicit.lasso import _solver
+from keras_implicit.lasso._data import (
+    Design,
+    as_design_input,
+    as_target,
+    check_n_features,
+    is_real,
+    labels_to_pm1,
+)
+
+
+@dataclasses.dataclass
+class Prepared:
+    """Training data converted once and reused by every fit on it (search, CV folds)."""
+
+    design: Design
+    target: np.ndarray  # centered y (squared loss) or -1/+1 labels (logistic)
+    x_mean: np.ndarray  # zeros when nothing was centered
+    y_mean: float
+    classes: np.ndarray | None
+
+
+def _linear_predict(X, coef, intercept):
+    out = X @ coef
+    return np.asarray(out).ravel() + intercept
+
+
+class _LassoFamily:
+    """Shared machinery: parameters, fitting, prediction, penalties as hyperparameters."""
+
+    _loss = "squared"
+    _penalty_params: tuple = ()
+
+    # -- scikit-learn style parameters -------------------------------------------------
+    @classmethod
+    def _param_names(cls):
+        signature = inspect.signature(cls.__init__)
+        return [name for name in signature.parameters if name != "self"]
+
+    def get_params(self, deep: bool = True) -> dict:
+        del deep
+        return {name: getattr(self, name) for name in self._param_names()}
+
+    def set_params(self, **params):
+        valid = self._param_names()
+        for key, value in params.items():
+            if key not in valid:
+                raise ValueError(
+                    f"Invalid parameter {key!r} for {type(self).__name__}. "
+                    f"Valid parameters: {valid}. Received: {key}={value!r}"
+                )
+            setattr(self, key, value)
+        return self
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({args})"
+
+    def _validate_common(self):
+        V.non_negative_float("tol", self.tol)
+        V.positive_int("max_iter", self.max_iter)
+        for name in ("fit_intercept", "warm_start"):
+            if not isinstance(getattr(self, name), bool | np.bool_):
+                raise ValueError(
+                    f"`{name}` must be a boolean. Received: {name}={getattr(self, name)!r}"
+                )
+
+    # -- penalties as hyperparameters --------------------------------------------------
+    def penalty_vectors(self, n_features: int):
+        """``(alphas, l2)``: per-feature l1 weights (length p) and the ridge strength."""
+        raise NotImplementedError
+
+    def get_log_penalties(self) -> np.ndarray:
+        """Log of the hyperparameters, the variables of hypergradient search."""
+        raise NotImplementedError
+
+    def set_log_penalties(self, log_penalties):
+        raise NotImplementedError
+
+    def log_penalty_gradient(self, grad_alphas: np.ndarray, grad_l2: float) -> np.ndarray:
+        """Chain rule from d/d(alphas_j), d/d(l2) to d/d(log hyperparameters)."""
+        raise NotImplementedError
+
+    # -- data ---------------------------------------------------------------------------
+    def _prepare(self, X, y) -> Prepared:
+        X = as_design_input(X)
+        y = as_target(y, X.shape[0])
+        return self._prepare_checked(X, y)
+
+    def _prepare_checked(self, X, y) -> Prepared:
+        if self.fit_intercept:
+            design, x_mean = Design.centered(X)
+            y_mean = float(np.mean(y))
+            return Prepared(design, y - y_mean, x_mean, y_mean, None)
+        return Prepared(Design(X), y, np.zeros(X.shape[1]), 0.0, None)
+
+    # -- fitting --------------------------------------------------------------------------
+    def fit(self, X, y):
+        """Fits the model on dense or sparse X (numpy, scipy.sparse, tf.SparseTensor)."""
+        self._validate_common()
+        self._validate_penalties()
+        data = self._prepare(X, y)
+        start = None
+        previous = getattr(self, "coef_", None) if self.warm_start else None
+        if previous is not None and np.shape(previous) == (data.design.p,):
+            start = (previous, self.intercept_)
+        self._fit_prepared(data, start)
+        return self
+
+    def _fit_prepared(self, data: Prepared, start=None) -> _solver.Solution:
+        """Fits on prepared data; ``start = (coef, intercept)`` warm-starts the solver."""
+        alphas, l2 = self.penalty_vectors(data.design.p)
+        coef0 = None if start is None else np.asarray(start[0], dtype=np.float64)
+        solution = _solver.solve_quadratic(
+            data.design, data.target, alphas, l2, coef0, self.tol, self.max_iter
+        )
+        solution.intercept = data.y_mean - float(data.x_mean @ solution.coef)
+        self._store(solution, data)
+        return solution
+
+    def _store(self, solution, data: Prepared):
+        self.coef_ = solution.coef
+        self.intercept_ = float(solution.intercept) if self.fit_intercept else 0.0
+        self.dual_gap_ = float(solution.gap)
+        self.n_iter_ = int(solution.n_iter)
+        self.n_features_in_ = int(data.design.p)
+        self.converged_ = bool(solution.converged)
+        if not solution.converged:
+            warnings.warn(
+                f"{type(self).__name__} did not converge: duality gap "
+                f"{solution.gap:.3e} > tolerance {solution.tol:.3e} after "
+                f"{solution.n_iter} iterations (max_iter={self.max_iter}). Increase "
+                "`max_iter` or `tol`; hypergradients computed from this solution are "
+                "inexact (their error grows with the duality gap).",
+                ConvergenceWarning,
+                stacklevel=3,
+            )
+
+    # -- prediction -----------------------------------------------------------------------
+    def _check_fitted(self):
+        if getattr(self, "coef_", None) is None:
+            raise ValueError(f"This {type(self).__name__} is not fitted yet. Call `fit` first.")
+
+    def _decision(self, X):
+        self._check_fitted()
+        X = as_design_input(X)
+        check_n_features(X, self.coef_.shape[0])
+        return _linear_predict(X, self.coef_, self.intercept_)
+
+    def predict(self, X) -> np.ndarray:
+        """Linear predictions ``X coef_ + intercept_``."""
+        return self._decision(X)
+
+    def score(self, X, y) -> float:
+        """Coefficient of determination R^2 (as scikit-learn's regressors)."""
+        pred = self.predict(X)
+        y = as_target(y, pred.shape[0])
+        residual = np.sum((y - pred) ** 2)
+        total = np.sum((y - y.mean()) ** 2)
+        if total == 0:
+            return 1.0 if residual == 0 else 0.0
+        return float(1.0 - residual / total)
+
+    @property
+    def sparse_coef_(self):
+        self._check_fitted()
+        return sp.csr_matrix(self.coef_[None, :])
+
+
+def _check_penalty(name, value):
+    """Positive finite penalty (they are optimized on a log scale)."""
+    if not is_real(value) or not np.isfinite(value) or not value > 0:
+        raise ValueError(
+            f"`{name}` must be a positive finite number (penalties are tuned on a log "
+            f"scale). Received: {name}={value!r}"
+        )
+    return float(value)
+
+
+class Lasso(_LassoFamily):
+    """``1/(2n) ||y - Xb||^2 + alpha ||b||_1``, same solution as scikit-learn's Lasso.
+
+    Args:
+      alpha: positive l1 strength.
+      fit_intercept: center X and y (like scikit-learn) and recover the intercept.
+      tol: stop when the duality gap <= ``tol * ||y - mean(y)||^2 / n``.
+      max_iter: maximum number of working-set iterations (each one pass over the data
+        plus an XLA coordinate-descent solve restricted to the working set).
+      warm_start: start from the previous ``coef_``.
+
+    Attributes: ``coef_``, ``intercept_``, ``dual_gap_``, ``n_iter_``, ``converged_``.
+    """
+
+    _penalty_params = ("alpha",)
+
+    def __init__(self, alpha=1.0, fit_intercept=True, tol=1e-4, max_iter=100, warm_start=False):
+        self.alpha = alpha
+        self.fit_intercept = fit_intercept
+        self.tol = tol
+        self.max_iter = max_iter
+        self.warm_start = warm_start
+
+    def _validate_penalties(self):
+        _check_penalty("alpha", self.alpha)
+
+    def penalty_vectors(self, n_features):
+        alpha = _check_penalty("alpha", self.alpha)
+        return np.full(n_features, alpha), 0.0
+
+    def get_log_penalties(self):
+        return np.array([np.log(_check_penalty("alpha", self.alpha))])
+
+    def set_log_penalties(self, log_penalties):
+        (value,) = np.asarray(log_penalties, dtype=np.float64).ravel()
+        self.alpha = float(np.exp(value))
+        return self
+
+    def log_penalty_gradient(self, grad_alphas, grad_l2):
+        return np.array([self.alpha * float(np.sum(grad_alphas))])
+
+
+class ElasticNet(_LassoFamily):
+    """``1/(2n) ||y - Xb||^2 + alpha_l1 ||b||_1 + alpha_l2/2 ||b||^2``.
+
+    scikit-learn's ``ElasticNet(alpha, l1_ratio)`` is ``alpha_l1 = alpha * l1_ratio`` and
+    ``alpha_l2 = alpha * (1 - l1_ratio)``; see ``from_sklearn_params`` and
+    ``sklearn_params``. Both penalties are hyperparameters (gradient of length 2).
+    """
+
+    _penalty_params = ("alpha_l1", "alpha_l2")
+
+    def __init__(
+        self,
+        alpha_l1=1.0,
+        alpha_l2=1.0,
+        fit_intercept=True,
+        tol=1e-4,
+        max_iter=100,
+        warm_start=False,
+    ):
+        self.alpha_l1 = alpha_l1
+        self.alpha_l2 = alpha_l2
+        self.fit_intercept = fit_intercept
+        self.tol = tol
+        self.max_iter = max_iter
+        self.warm_start = warm_start
+
+    @classmethod
+    def from_sklearn_params(cls, alpha, l1_ratio, **kwargs):
+        """Builds the model equal to scikit-learn's ``ElasticNet(alpha, l1_ratio)``."""
+        V.float_in_range("l1_ratio", l1_ratio, 0.0, 1.0, low_open=True)
+        return cls(alpha_l1=alpha * l1_ratio, alpha_l2=alpha * (1.0 - l1_ratio), **kwargs)
+
+    @property
+    def sklearn_params(self) -> dict:
+        """``{"alpha": ..., "l1_ratio": ...}`` of the equivalent scikit-learn model."""
+        total = self.alpha_l1 + self.alpha_l2
+        return {"alpha": total, "l1_ratio": self.alpha_l1 / total}
+
+    def _validate_penalties(self):
+        _check_penalty("alpha_l1", self.alpha_l1)
+        _check_penalty("alpha_l2", self.alpha_l2)
+
+    def penalty_vectors(self, n_features):
+        self._validate_penalties()
+        return np.full(n_features, float(self.alpha_l1)), float(self.alpha_l2)
+
+    def get_log_penalties(self):
+        self._validate_penalties()
+        return np.log([float(self.alpha_l1), float(self.alpha_l2)])
+
+    def set_log_penalties(self, log_penalties):
+        values = np.exp(np.asarray(log_penalties, dtype=np.float64).ravel())
+        self.alpha_l1, self.alpha_l2 = float(values[0]), float(values[1])
+        return self
+
+    def log_penalty_gradient(self, grad_alphas, grad_l2):
+        return np.array(
+            [self.alpha_l1 * float(np.sum(grad_alphas)), self.alpha_l2 * float(grad_l2)]
+        )
+
+
+class WeightedLasso(_LassoFamily):
+    """``1/(2n) ||y - Xb||^2 + sum_j alphas_j |b_j|``: one penalty per feature.
+
+    ``alphas`` is an array of length n_features (a scalar is broadcast at ``fit``;
+    ``set_log_penalties`` then stores the full vector). Its hypergradient has one entry
+    per feature; features outside the support get a zero gradient.
+    """
+
+    _penalty_params = ("alphas",)
+
+    def __init__(self, alphas=1.0, fit_intercept=True, tol=1e-4, max_iter=100, warm_start=False):
+        self.alphas = alphas
+        self.fit_intercept = fit_intercept
+        self.tol = tol
+        self.max_iter = max_iter
+        self.warm_start = warm_start
+
+    def _alphas_array(self):
+        values = (
+            np.asarray(self.alphas, dtype=np.float64) if not isinstance(self.alphas, str) else None
+        )
+        if values is None or values.ndim > 1 or values.size == 0:
+            raise ValueError(
+                "`alphas` must be a positive number or a 1-D array of positive numbers. "
+                f"Received: alphas={self.alphas!r}"
+            )
+        bad = ~(np.isfinite(values) & (values > 0))
+        if np.any(bad):
+            j = int(np.flatnonzero(bad.ravel())[0])
+            where = "" if values.ndim == 0 else f"[{j}]"
+            raise ValueError(
+                "`alphas` must contain positive finite numbers (penalties are tuned on a "
+                f"log scale). Received: alphas{where}={float(values.ravel()[j])!r}"
+            )
+        return values
+
+    def _validate_penalties(self):
+        self._alphas_array()
+
+    def penalty_vectors(self, n_features):
+        values = self._alphas_array()
+        if values.ndim == 0:
+            return np.full(n_features, float(values)), 0.0
+        if values.shape[0] != n_features:
+            raise ValueError(
+                f"`alphas` has {values.shape[0]} entries but X has {n_features} features."
+            )
+        return values.copy(), 0.0
+
+    def get_log_penalties(self):
+        return np.log(np.atleast_1d(self._alphas_array()))
+
+    def set_log_penalties(self, log_penalties):
+        self.alphas = np.exp(np.asarray(log_penalties, dtype=np.float64).ravel())
+        return self
+
+    def log_penalty_gradient(self, grad_alphas, grad_l2):
+        alphas = self.penalty_vectors(grad_alphas.shape[0])[0]
+        return alphas * grad_alphas
+
+
+class SparseLogisticRegression(_LassoFamily):
+    """``1/n sum_i log(1 + exp(-y_i (x_i^T b + b0))) + alpha ||b||_1``.
+
+    Labels: any two values (e.g. {-1, 1} or {0, 1}); the smaller maps to -1. Same
+    solution as scikit-learn's ``LogisticRegression(l1_ratio=1, C=1/(n alpha),
+    solver="saga")`` (note that ``solver="liblinear"`` penalizes the intercept).
+    Inner solver: working-set proximal Newton (XLA). ``tol``: gap <= tol log(2).
+    """
+
+    _loss = "logistic"
+    _penalty_params = ("alpha",)
+
+    def __init__(self, alpha=1.0, fit_intercept=True, tol=1e-4, max_iter=100, warm_start=False):
+        self.alpha = alpha
+        self.fit_intercept = fit_intercept
+        self.tol = tol
+        self.max_iter = max_iter
+        self.warm_start = warm_start
+
+    _validate_penalties = Lasso._validate_penalties
+    penalty_vectors = Lasso.penalty_vectors
+    get_log_penalties = Lasso.get_log_penalties
+    set_log_penalties = Lasso.set_log_penalties
+    log_penalty_gradient = Lasso.log_penalty_gradient
+
+    def _prepare_checked(self, X, y):
+        y_pm, classes = labels_to_pm1(y)
+        return Prepared(Design(X), y_pm, np.zeros(X.shape[1]), 0.0, classes)
+
+    def _fit_prepared(self, data, start=None):
+        alphas, _ = self.penalty_vectors(data.design.p)
+        coef0, intercept0 = (None, 0.0) if start is None else start
+        solution = _solver.solve_logistic(
+            data.design,
+            data.target,
+            alphas,
+            self.fit_intercept,
+            coef0,
+            intercept0,
+            self.tol,
+            self.max_iter,
+        )
+        self.classes_ = data.classes
+        self._store(solution, data)
+        return solution
+
+    def decision_function(self, X) -> np.ndarray:
+        """``X coef_ + intercept_`` (positive means ``classes_[1]``)."""
+        return self._decision(X)
+
+    def predict_proba(self, X) -> np.ndarray:
+        """(n, 2) probabilities of ``classes_[0]`` and ``classes_[1]``."""
+        z = self.decision_function(X)
+        positive = 0.5 * (1.0 + np.tanh(0.5 * z))  # overflow-free sigmoid
+        return np.stack([1.0 - positive, positive], axis=1)
+
+    def predict(self, X) -> np.ndarray:
+        return np.where(self.decision_function(X) > 0, self.classes_[1], self.classes_[0])
+
+    def score(self, X, y) -> float:
+        """Mean accuracy."""
+        pred = self.predict(X)
+        y = np.asarray(y).ravel()
+        if y.shape[0] != pred.shape[0]:
+            raise ValueError(
+                f"`X` and `y` have mismatched numbers of samples: {pred.shape[0]} and {y.shape[0]}."
+            )
+        return float(np.mean(pred == y))
+
+
+def clone(model):
+    """A new unfitted model with the same parameters (arrays copied)."""
+    params = {
+        k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in model.get_params().items()
+    }
+    return type(model)(**params)

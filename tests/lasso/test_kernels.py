@@ -1,0 +1,130 @@
+"""The TensorFlow inner solvers in eager, tf.function and XLA modes vs scikit-learn."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow.experimental.numpy as tnp
+from conftest import run_in_mode
+from lasso_reference import breast_cancer, diabetes, sklearn_solution
+
+import keras_implicit.lasso as L
+from keras_implicit.lasso import _kernels
+
+F64 = tf.float64
+
+
+def _lasso_inputs(alpha, l2=0.0):
+    X, y = diabetes()
+    X, y = X - X.mean(0), y - y.mean()
+    n, p = X.shape
+    H = X.T @ X / n + l2 * np.eye(p)
+    args = (
+        tf.constant(H),
+        tf.constant(X.T @ y / n),
+        tf.zeros(p, F64),
+        tf.fill([p], tf.constant(alpha, F64)),
+        tf.constant(y @ y / n, F64),
+        tf.constant(l2, F64),
+        tf.constant(1e-13 * (y @ y) / n, F64),
+        tf.constant(100_000),
+    )
+    return X, y, args
+
+
+def test_cd_quadratic_in_every_mode(mode):
+    X, y, args = _lasso_inputs(0.1)
+    beta, gap, epochs = run_in_mode(L.cd_quadratic, mode)(*args)
+    coef, _ = sklearn_solution(L.Lasso(alpha=0.1, fit_intercept=False), X, y)
+    np.testing.assert_allclose(beta.numpy(), coef, atol=1e-6 * np.abs(coef).max())
+    assert float(gap) <= float(args[6])
+    assert int(epochs) > 0
+
+
+def test_cd_quadratic_elastic_net():
+    X, y, args = _lasso_inputs(0.05, l2=0.2)
+    beta, _, _ = run_in_mode(L.cd_quadratic, "function")(*args)
+    model = L.ElasticNet(alpha_l1=0.05, alpha_l2=0.2, fit_intercept=False)
+    coef, _ = sklearn_solution(model, X, y)
+    np.testing.assert_allclose(beta.numpy(), coef, atol=1e-6 * np.abs(coef).max())
+
+
+def test_logistic_prox_newton_in_every_mode(mode):
+    # Small on purpose: eagerly, every coordinate step is a Python-level loop turn.
+    X, y = breast_cancer(120)
+    X = X[:, :3] if mode == "eager" else X[:, :8]
+    n, p = X.shape
+    A = np.hstack([X, np.ones((n, 1))])  # intercept = unpenalized column
+    alphas = np.append(np.full(p, 0.02), 0.0)
+    fn = run_in_mode(L.logistic_prox_newton, mode)
+    beta, gap, steps = fn(
+        tf.constant(A),
+        tf.constant(2.0 * y - 1),
+        tf.ones(n, F64),
+        tf.constant(float(n), F64),
+        tf.constant(alphas),
+        tf.zeros(p + 1, F64),
+        tf.constant(1e-13, F64),
+        tf.constant(100),
+    )
+    coef, intercept = sklearn_solution(L.SparseLogisticRegression(alpha=0.02), X, y)
+    np.testing.assert_allclose(beta.numpy()[:p], coef, atol=1e-6 * np.abs(coef).max())
+    assert beta.numpy()[p] == pytest.approx(intercept, abs=1e-6)
+    assert float(gap) <= 1e-13
+    assert 0 < int(steps) < 100
+
+
+def test_padding_columns_stay_zero():
+    X, _y, args = _lasso_inputs(0.1)
+    p = X.shape[1]
+    H = np.zeros((16, 16))
+    H[:p, :p] = args[0].numpy()
+    c = np.zeros(16)
+    c[:p] = args[1].numpy()
+    padded = (
+        tf.constant(H),
+        tf.constant(c),
+        tf.zeros(16, F64),
+        tf.fill([16], tf.constant(0.1, F64)),
+    )
+    beta, _, _ = run_in_mode(L.cd_quadratic, "function")(*padded, *args[4:])
+    ref, _, _ = L.cd_quadratic(*args)
+    np.testing.assert_array_equal(beta.numpy()[p:], 0.0)
+    np.testing.assert_allclose(beta.numpy()[:p], ref.numpy(), atol=1e-9)
+
+
+def test_gap_formulas_agree_between_numpy_and_tensorflow():
+    rng = np.random.default_rng(0)
+    xtr, beta = rng.standard_normal(20), rng.standard_normal(20) * (rng.random(20) < 0.5)
+    alphas = rng.uniform(0.1, 1.0, 20)
+    numpy_gap = _kernels.quadratic_gap(xtr, 0.7, 1.3, beta, alphas, 0.2)
+    tf_gap = _kernels.quadratic_gap(
+        *(tf.constant(v, F64) for v in (xtr, 0.7, 1.3, beta, alphas, 0.2)), xp=tnp
+    )
+    np.testing.assert_allclose(np.array(numpy_gap), np.array([t.numpy() for t in tf_gap]))
+    z, y = rng.standard_normal(30), np.sign(rng.standard_normal(30))
+    numpy_gap = _kernels.logistic_gap(xtr, z, y, 1.0, 30.0, alphas, beta)
+    tf_gap = _kernels.logistic_gap(
+        *(tf.constant(v, F64) for v in (xtr, z, y, 1.0, 30.0, alphas, beta)), xp=tnp
+    )
+    np.testing.assert_allclose(np.array(numpy_gap), np.array([t.numpy() for t in tf_gap]))
+
+
+def test_anderson_extrapolates_linear_sequences_exactly():
+    # x_{k+1} = M x_k + b converges to x*; Anderson with enough memory recovers x*.
+    rng = np.random.default_rng(0)
+    M = np.diag([0.9, 0.5, -0.3, 0.1])
+    b = rng.standard_normal(4)
+    rows = [np.zeros(4)]
+    for _ in range(5):
+        rows.append(M @ rows[-1] + b)
+    fixed_point = np.linalg.solve(np.eye(4) - M, b)
+    rows = np.array(rows)
+    # (up to the 1e-10 relative Tikhonov term of the 5 x 5 system)
+    np.testing.assert_allclose(_kernels.anderson(rows), fixed_point, atol=1e-4)
+    in_graph = run_in_mode(lambda r: _kernels.anderson(r, xp=tnp), "xla")(tf.constant(rows))
+    np.testing.assert_allclose(in_graph.numpy(), fixed_point, atol=1e-4)
+
+
+def test_soft_threshold():
+    x = tf.constant([-2.0, -0.5, 0.0, 0.3, 4.0], F64)
+    np.testing.assert_allclose(L.soft_threshold(x, 1.0).numpy(), [-1.0, 0.0, 0.0, 0.0, 3.0])

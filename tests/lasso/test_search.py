@@ -1,0 +1,104 @@
+"""The outer loop: line search and Adam decrease the criterion; trace and progress."""
+
+import numpy as np
+import pytest
+from lasso_reference import ar1_design, diabetes
+
+import keras_implicit.lasso as L
+
+
+def _problem():
+    X, y = diabetes()
+    return X[:300], y[:300], L.HeldOutMSE(X[300:], y[300:])
+
+
+@pytest.mark.parametrize("optimizer", ["line_search", "adam"])
+def test_search_decreases_the_criterion(optimizer, capsys):
+    X, y, criterion = _problem()
+    start = L.Lasso(alpha=0.5 * L.alpha_max(X, y))
+    result = L.search(start, criterion, X, y, optimizer=optimizer, max_iter=15, verbose=0)
+    assert capsys.readouterr().out == ""
+    values = result.history("criterion")
+    assert result.best_value == pytest.approx(values.min())
+    assert result.best_value < values[0]
+    assert start.alpha == pytest.approx(0.5 * L.alpha_max(X, y))  # input model untouched
+    assert result.best_model.alpha == pytest.approx(result.best_penalties[0])
+    assert result.best_model.coef_.shape == (10,)
+    entry = result.trace[0]
+    assert set(entry) >= {"iteration", "criterion", "penalties", "grad_norm", "time", "elapsed"}
+    assert result.stop_reason
+
+
+def test_search_reaches_the_grid_minimum():
+    X, y, criterion = _problem()
+    grid = L.alpha_max(X, y) * np.logspace(0, -3, 60)
+    values = [L.Lasso(alpha=a).fit(X, y) for a in grid]
+    values = [np.mean((criterion.y_val - m.predict(criterion.X_val)) ** 2) for m in values]
+    result = L.search(L.Lasso(alpha=grid[5]), criterion, X, y, verbose=0)
+    assert result.best_value <= min(values) * 1.01
+
+
+def test_weighted_lasso_search_beats_single_alpha():
+    X, y, beta = ar1_design(80, 30, rho=0.3, k=6, noise=1.0, seed=4)
+    X_val, y_val, _ = ar1_design(200, 30, rho=0.3, k=6, noise=1.0, seed=4)
+    y_val = X_val @ beta + np.random.default_rng(9).standard_normal(200)
+    criterion = L.HeldOutMSE(X_val, y_val)
+    a0 = 0.1 * L.alpha_max(X, y)
+    single = L.search(L.Lasso(alpha=a0), criterion, X, y, verbose=0)
+    weighted = L.search(
+        L.WeightedLasso(alphas=np.full(30, single.best_penalties[0])),
+        criterion,
+        X,
+        y,
+        optimizer="adam",
+        max_iter=40,
+        verbose=0,
+    )
+    assert weighted.best_penalties.shape == (30,)
+    assert weighted.best_value < single.best_value
+
+
+def test_search_restarts_below_alpha_max_and_prints_progress(capsys):
+    X, y, criterion = _problem()
+    result = L.search(L.Lasso(alpha=4 * L.alpha_max(X, y)), criterion, X, y, max_iter=3, verbose=1)
+    assert any("halved" in m for m in result.messages)
+    assert result.best_penalties[0] < L.alpha_max(X, y)
+    assert "criterion" in capsys.readouterr().out
+
+
+def test_search_with_crossval_and_elastic_net():
+    X, y = diabetes()
+    result = L.search(
+        L.ElasticNet(alpha_l1=0.5, alpha_l2=0.5), L.CrossVal(cv=3), X, y, max_iter=5, verbose=0
+    )
+    assert result.best_penalties.shape == (2,)
+    assert result.best_value <= result.trace[0]["criterion"]
+
+
+def test_search_validation():
+    X, y, criterion = _problem()
+    with pytest.raises(ValueError, match="Received: optimizer='sgd'"):
+        L.search(L.Lasso(), criterion, X, y, optimizer="sgd")
+    with pytest.raises(ValueError, match="Received: max_iter=0"):
+        L.search(L.Lasso(), criterion, X, y, max_iter=0)
+    with pytest.raises(ValueError, match="Unknown arguments"):
+        L.search(L.Lasso(), criterion, X, y, foo=1)
+
+
+def test_alpha_max_gives_empty_support():
+    X, y = diabetes()
+    a = L.alpha_max(X, y)
+    assert np.all(L.Lasso(alpha=a * 1.0001).fit(X, y).coef_ == 0)
+    assert np.any(L.Lasso(alpha=a * 0.99, tol=1e-10).fit(X, y).coef_ != 0)
+    labels = (y > np.median(y)).astype(float)
+    a = L.alpha_max(X, labels, loss="logistic")
+    assert np.all(L.SparseLogisticRegression(alpha=a * 1.0001).fit(X, labels).coef_ == 0)
+    assert np.any(L.SparseLogisticRegression(alpha=a * 0.99, tol=1e-10).fit(X, labels).coef_ != 0)
+
+
+def test_weighted_lasso_scalar_alphas_are_broadcast():
+    X, y, criterion = _problem()
+    result = L.search(L.WeightedLasso(alphas=0.2), criterion, X, y, max_iter=2, verbose=0)
+    assert result.best_penalties.shape == (10,)
+    _, grad = L.hypergradient(L.WeightedLasso(alphas=0.2), criterion, X, y)
+    assert grad.shape == (10,)
