@@ -30,11 +30,3 @@ def mode(request):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_keras_session():
-    yield
-    import keras
-
-    keras.backend.clear_session()

@@ -1,0 +1,172 @@
+"""Shared helpers for the projection and prox ops: dtype resolution, parameters, norms.
+
+Every public op resolves one floating dtype from `x` up front and casts its set
+parameters to it, so float32 and float64 inputs never mix silently.
+"""
+
+from __future__ import annotations
+
+import functools
+import numbers
+
+import numpy as np
+import tensorflow as tf
+
+from keras_implicit import _validation
+
+
+def as_float_tensor(x, name: str = "x") -> tf.Tensor:
+    """Converts `x` to a floating tensor.
+
+    Python / numpy input that is integral is promoted to float32 (a convenience for
+    literals such as `[1, 2, 3]`); a *tensor* of a non-floating dtype is rejected,
+    since silently changing the dtype of a graph value hides bugs.
+    """
+    if tf.is_tensor(x) or isinstance(x, tf.Variable):
+        x = tf.convert_to_tensor(x)
+        if not x.dtype.is_floating:
+            raise TypeError(
+                f"`{name}` must be a floating-point tensor. Received: {name}.dtype={x.dtype.name}"
+            )
+        return x
+    # No dtype_hint: it would silently turn numpy float64 into float32.
+    x = tf.convert_to_tensor(np.asarray(x) if isinstance(x, np.generic) else x)
+    if x.dtype.is_integer or x.dtype == tf.bool:
+        x = tf.cast(x, tf.float32)
+    if not x.dtype.is_floating:
+        raise TypeError(f"`{name}` must be floating-point. Received: {name}.dtype={x.dtype.name}")
+    return x
+
+
+def require_rank(x: tf.Tensor, min_rank: int, name: str = "x") -> None:
+    rank = x.shape.rank
+    if rank is not None and rank < min_rank:
+        raise ValueError(f"`{name}` must have rank >= {min_rank}. Received: {name}.shape={x.shape}")
+
+
+def _check_array(name: str, value, check) -> None:
+    """Applies a scalar check to every entry of a Python/numpy value (vectorized)."""
+    arr = np.asarray(value, dtype=np.float64)
+    if arr.ndim == 0:
+        check(name, float(arr))
+        return
+    predicate, phrase = _ELEMENTWISE[check.__name__]
+    if not np.all(predicate(arr)):
+        shown = value.tolist() if isinstance(value, np.ndarray) else value
+        raise ValueError(f"Every entry of `{name}` must be {phrase}. Received: {name}={shown!r}")
+
+
+def as_param(value, dtype: tf.DType, name: str, check=None) -> tf.Tensor:
+    """Converts a set parameter to a tensor of `dtype`, differentiably.
+
+    Python numbers, lists and numpy arrays are validated eagerly with `check` (a
+    function of `keras_implicit._validation`); tensors and variables are only cast
+    (checking their values would force a device sync and is impossible in a graph).
+    """
+    if value is None:
+        raise ValueError(f"`{name}` is required. Received: {name}=None")
+    if isinstance(value, bool):
+        raise ValueError(f"`{name}` must be a number or a tensor. Received: {name}={value!r}")
+    if tf.is_tensor(value) or isinstance(value, tf.Variable):
+        value = tf.convert_to_tensor(value)
+        if not (value.dtype.is_floating or value.dtype.is_integer):
+            raise TypeError(
+                f"`{name}` must be a real tensor. Received: {name}.dtype={value.dtype.name}"
+            )
+        return tf.cast(value, dtype)
+    if isinstance(value, numbers.Real):
+        if check is not None:
+            check(name, value)
+        return tf.constant(value, dtype=dtype)
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"`{name}` must be a number, an array or a tensor. Received: {name}={value!r}"
+        ) from None
+    if check is not None:
+        _check_array(name, arr, check)
+    return tf.constant(arr, dtype=dtype)
+
+
+def non_negative(name, value):
+    return _validation.non_negative_float(name, value)
+
+
+def positive(name, value):
+    return _validation.positive_float(name, value)
+
+
+def finite(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(value):
+        raise ValueError(f"`{name}` must be a finite number. Received: {name}={value!r}")
+    return float(value)
+
+
+def per_vector(param: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
+    """Broadcasts a one-number-per-vector parameter to shape `x.shape[:-1] + [1]`.
+
+    The parameter must be broadcastable to the batch shape `x.shape[:-1]`. Using an
+    explicit `tf.broadcast_to` lets autodiff sum the gradient back to the
+    parameter's own shape, so the custom gradients below can work elementwise.
+    """
+    target = tf.concat([tf.shape(x)[:-1], [1]], axis=0)
+    return tf.broadcast_to(param[..., tf.newaxis], target)
+
+
+def safe_norm(x: tf.Tensor, axis=-1, keepdims=True) -> tf.Tensor:
+    """Euclidean norm whose gradient at 0 is 0 instead of NaN.
+
+    `sqrt` has an infinite derivative at 0; clamping the squared norm at the
+    smallest normal number keeps every derivative finite, and the clamp's own
+    derivative is zero there, so masked-out branches contribute exact zeros.
+    """
+    sq = tf.reduce_sum(tf.square(x), axis=axis, keepdims=keepdims)
+    return tf.sqrt(tf.maximum(sq, np.finfo(x.dtype.as_numpy_dtype).tiny))
+
+
+def upcast_half(x: tf.Tensor):
+    """float16/bfloat16 inputs are computed in float32 (eigh and exp need the range)."""
+    if x.dtype in (tf.float16, tf.bfloat16):
+        return tf.cast(x, tf.float32), x.dtype
+    return x, None
+
+
+def finite_or_inf(name, value):
+    """Any number but NaN (box bounds may be infinite)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or np.isnan(value):
+        raise ValueError(f"`{name}` must be a number (not NaN). Received: {name}={value!r}")
+    return float(value)
+
+
+def restore_dtype(y: tf.Tensor, original):
+    return y if original is None else tf.cast(y, original)
+
+
+def graph_when_eager(fn):
+    """Runs `fn` as a traced graph function when called eagerly, inline otherwise.
+
+    The iterative ops (root finding, threshold search) would dispatch hundreds of
+    small eager ops; tracing them once is much faster. Inside an outer tf.function
+    or XLA computation the plain Python function is inlined instead, so the static
+    shapes of the surrounding graph are kept (a relaxed-shape graph function would
+    return tensors of unknown rank, which Keras shape inference cannot use).
+    """
+    graph_fn = tf.function(fn, autograph=False, reduce_retracing=True)
+
+    @functools.wraps(fn)
+    def wrapper(*args):
+        if tf.executing_eagerly():
+            return graph_fn(*args)
+        return fn(*args)
+
+    return wrapper
+
+
+# Vectorized forms of the checks above, for arrays (NaN fails every one of them).
+_ELEMENTWISE = {
+    "non_negative": (lambda a: a >= 0, "a non-negative number"),
+    "positive": (lambda a: a > 0, "a positive number"),
+    "finite": (np.isfinite, "a finite number"),
+    "finite_or_inf": (lambda a: ~np.isnan(a), "a number (not NaN)"),
+}

@@ -1,0 +1,189 @@
+"""Execution modes, dtypes, dynamic batch, NaN isolation and input validation."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import run_in_mode
+from ops_reference import skip_keras_session_reset  # noqa: F401  (fixture override)
+
+import keras_implicit.ops as ops
+
+RNG = np.random.default_rng(21)
+A_VEC = np.array([1.0, -2.0, 0.5, 0.3, 1.5])
+A_MAT = np.array([[1.0, 2.0, 0.0, -1.0, 0.5], [0.0, 1.0, 1.0, 1.0, -2.0]])
+
+# name -> (fn(x, p), sample shape of one x row, parameter value p or None)
+OPS = {
+    "non_negative": (lambda x, p: ops.projection_non_negative(x), (5,), None),
+    "box": (lambda x, p: ops.projection_box(x, -p, p), (5,), 0.4),
+    "hyperplane": (lambda x, p: ops.projection_hyperplane(x, A_VEC, p), (5,), 0.3),
+    "halfspace": (lambda x, p: ops.projection_halfspace(x, A_VEC, p), (5,), 0.3),
+    "affine_set": (lambda x, p: ops.projection_affine_set(x, A_MAT, p * np.ones(2)), (5,), 0.3),
+    "simplex": (lambda x, p: ops.projection_simplex(x, p), (5,), 1.3),
+    "sparsemax": (lambda x, p: ops.sparsemax(x), (5,), None),
+    "l1_ball": (lambda x, p: ops.projection_l1_ball(x, p), (5,), 1.1),
+    "l1_sphere": (lambda x, p: ops.projection_l1_sphere(x, p), (5,), 1.1),
+    "l2_ball": (lambda x, p: ops.projection_l2_ball(x, p), (5,), 1.1),
+    "l2_sphere": (lambda x, p: ops.projection_l2_sphere(x, p), (5,), 1.1),
+    "linf_ball": (lambda x, p: ops.projection_linf_ball(x, p), (5,), 0.7),
+    "second_order_cone": (lambda x, p: ops.projection_second_order_cone(x), (5,), None),
+    "psd_cone": (lambda x, p: ops.projection_psd_cone(x), (3, 3), None),
+    "exp_cone": (lambda x, p: ops.projection_exp_cone(x), (3,), None),
+    "prox_lasso": (lambda x, p: ops.prox_lasso(x, p, 0.5), (5,), 0.6),
+    "prox_elastic_net": (lambda x, p: ops.prox_elastic_net(x, p, 0.5, 0.8), (5,), 0.6),
+    "prox_group_lasso": (lambda x, p: ops.prox_group_lasso(x, p), (5,), 1.2),
+    "prox_ridge": (lambda x, p: ops.prox_ridge(x, p), (5,), 0.6),
+    "prox_non_negative_lasso": (lambda x, p: ops.prox_non_negative_lasso(x, p), (5,), 0.2),
+}
+
+
+def _value_and_grads(fn, x, p, w):
+    """Output, d<w, y>/dx and d<w, y>/dp (p may be None)."""
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        if p is not None:
+            tape.watch(p)
+        y = fn(x, p)
+        loss = tf.reduce_sum(w * y)
+    gx, gp = tape.gradient(loss, [x, p if p is not None else x])
+    return y, gx, (gp if p is not None else tf.zeros([], x.dtype))
+
+
+# Ops whose graphs contain loops or linear algebra: XLA is exercised with two batch
+# sizes through one dynamic-batch trace. The others compile once (at batch 3) from
+# the same kind of trace, which keeps the suite fast (the exp cone's XLA compile is
+# the slowest of all; it runs at a second batch size in test_ops_exp_cone.py).
+_TWO_SIZES_UNDER_XLA = {"simplex", "l1_ball", "psd_cone"}
+# Ops with a hand-written (tf.custom_gradient) derivative. For the others the
+# gradient is TF's own autodiff, so in plain graph mode only values are compared
+# (their gradients are still compared under XLA, which also runs in graph mode).
+_CUSTOM_GRADIENT = {
+    "simplex",
+    "sparsemax",
+    "l1_ball",
+    "l1_sphere",
+    "second_order_cone",
+    "psd_cone",
+    "exp_cone",
+}
+
+
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_modes_with_dynamic_batch(name, mode):
+    fn, row_shape, param = OPS[name]
+    dtype = tf.float64
+    p = None if param is None else tf.constant(param, dtype)
+    spec = tf.TensorSpec([None, *row_shape], dtype)
+
+    with_grads = mode != "function" or name in _CUSTOM_GRADIENT
+
+    def compute(x, w):
+        if not with_grads:
+            return (fn(x, p),)
+        return _value_and_grads(fn, x, p, w)
+
+    wrapped = run_in_mode(compute, mode)
+    if mode != "eager":
+        wrapped = wrapped.get_concrete_function(spec, spec)  # batch size unknown
+        assert wrapped.structured_outputs[0].shape.as_list()[0] is None
+    sizes = (1, 4) if mode != "xla" or name in _TWO_SIZES_UNDER_XLA else (3,)
+    for batch in sizes:
+        x = tf.constant(RNG.normal(size=(batch, *row_shape)), dtype)
+        w = tf.constant(RNG.normal(size=(batch, *row_shape)), dtype)
+        got = wrapped(x, w)
+        expected = _value_and_grads(fn, x, p, w)[: len(got)]
+        # XLA's own eigh/QR kernels differ from LAPACK's by ~1e-10.
+        tol = {"rtol": 1e-7, "atol": 1e-9} if mode == "xla" else {"rtol": 1e-9, "atol": 1e-10}
+        for g, e in zip(got, expected):
+            assert g.shape == e.shape
+            np.testing.assert_allclose(np.asarray(g), np.asarray(e), **tol)
+
+
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_float32_matches_float64(name):
+    fn, row_shape, param = OPS[name]
+    x64 = RNG.normal(size=(6, *row_shape))
+    p64 = None if param is None else tf.constant(param, tf.float64)
+    p32 = None if param is None else tf.constant(param, tf.float32)
+    y64 = np.asarray(fn(tf.constant(x64), p64))
+    y32 = fn(tf.constant(x64, tf.float32), p32)
+    assert y32.dtype == tf.float32
+    np.testing.assert_allclose(np.asarray(y32), y64, atol=2e-5, rtol=2e-5)
+    # XLA's float32 eigh differs from LAPACK's; the iterative ops run under XLA in
+    # float32 elsewhere (exp cone: test_ops_exp_cone.py; simplex: the jit-compiled
+    # Keras model in tests/layers).
+    if name == "psd_cone":
+        y32_xla = tf.function(lambda x: fn(x, p32), jit_compile=True)(tf.constant(x64, tf.float32))
+        np.testing.assert_allclose(np.asarray(y32_xla), y64, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_nan_row_does_not_leak(name):
+    fn, row_shape, param = OPS[name]
+    x = RNG.normal(size=(4, *row_shape))
+    clean = np.asarray(fn(tf.constant(x), param))
+    dirty_x = x.copy()
+    dirty_x[1].flat[0] = np.nan
+    dirty = np.asarray(fn(tf.constant(dirty_x), param))
+    keep = [0, 2, 3]
+    np.testing.assert_allclose(dirty[keep], clean[keep], rtol=1e-12, atol=1e-12)
+    if name not in (
+        "non_negative",
+        "box",
+        "linf_ball",
+        "prox_lasso",
+        "prox_elastic_net",
+        "prox_ridge",
+        "prox_non_negative_lasso",
+    ):
+        # Row-coupled ops: the whole row becomes NaN rather than plausible garbage.
+        assert np.all(np.isnan(dirty[1]))
+    else:
+        assert np.isnan(dirty[1].flat[0])
+
+
+def test_python_and_numpy_inputs():
+    y = ops.projection_simplex([3, 1, 2])  # ints are promoted to float32
+    assert y.dtype == tf.float32
+    np.testing.assert_allclose(np.asarray(y), [1.0, 0.0, 0.0])
+    y64 = ops.projection_simplex(np.array([0.2, 0.3, 0.1]), value=np.float64(0.6))
+    assert y64.dtype == tf.float64
+    np.testing.assert_allclose(np.asarray(y64), [0.2, 0.3, 0.1], atol=1e-15)
+
+
+def test_variable_parameters_receive_gradients():
+    radius = tf.Variable(0.5, dtype=tf.float32)
+    x = tf.constant([[3.0, 4.0]])
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(ops.projection_l2_ball(x, radius))
+    # d/dr sum(r x/||x||) = sum(x)/||x|| = 7/5
+    np.testing.assert_allclose(np.asarray(tape.gradient(loss, radius)), 1.4, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: ops.projection_l2_ball([1.0, 2.0], radius=-1.0), r"Received: radius=-1\.0"),
+        (lambda: ops.projection_simplex([1.0, 2.0], value=-2), r"Received: value=-2"),
+        (lambda: ops.projection_simplex([1.0, 2.0], value=float("nan")), r"Received: value=nan"),
+        (lambda: ops.projection_l1_ball([1.0], radius=[1.0, -1.0]), r"Received: radius="),
+        (lambda: ops.projection_box([1.0], 2.0, 1.0), r"Received: lower=2\.0, upper=1\.0"),
+        (lambda: ops.projection_box([1.0], float("nan"), 1.0), r"Received: lower=nan"),
+        (lambda: ops.projection_exp_cone(np.ones((2, 4))), r"Received: x.shape=\(2, 4\)"),
+        (lambda: ops.projection_psd_cone(np.ones((2, 3))), r"Received: x.shape=\(2, 3\)"),
+        (lambda: ops.projection_affine_set(np.ones(3), np.ones((2, 4)), np.ones(2)), r"A.shape"),
+        (lambda: ops.projection_affine_set(np.ones(2), np.ones((3, 2)), np.ones(3)), r"A.shape"),
+        (lambda: ops.prox_lasso([1.0], l1reg=-0.1), r"Received: l1reg=-0\.1"),
+        (lambda: ops.projection_hyperplane([1.0], [1.0], b=float("inf")), r"Received: b=inf"),
+        (lambda: ops.projection_simplex(5.0), r"rank >= 1"),
+        (lambda: ops.projection_simplex([1.0], value=True), r"Received: value=True"),
+    ],
+)
+def test_bad_arguments_raise_value_error_quoting_value(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_integer_tensor_rejected():
+    with pytest.raises(TypeError, match=r"Received: x.dtype=int32"):
+        ops.projection_simplex(tf.constant([1, 2, 3]))
