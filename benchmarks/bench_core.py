@@ -161,7 +161,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     batch, width = (32, 32) if args.quick else (256, 256)
     counts = (25, 50) if args.quick else (25, 50, 100, 200)
-    repeats = 3 if args.quick else 15
+    repeats = 3 if args.quick else 7
     w, x = make_problem(batch, width)
     rows = []
     for n in counts:
