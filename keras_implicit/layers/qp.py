@@ -1,0 +1,476 @@
+"""`QuadraticProgram`: a differentiable, batched convex QP as a Keras layer.
+
+    z*(theta) = argmin_z 1/2 z^T Q z + q^T z   s.t.   A z = b,   G z <= h
+
+Each of Q, q, A, b, G, h is either
+
+* a **layer input** (a batched tensor, leading batch axis): pass it in `call`, or
+* a **constant** given at construction as an array (stored as a non-trainable
+  weight), made **learnable** by naming it in `trainable=(...)`, or
+* **absent**: Q = 0 (a linear program), q = 0, no equality constraints (A, b),
+  no inequality constraints (G, h). A and b (G and h) come as a pair.
+
+Shapes (batch axis only on inputs): Q (n, n), q (n,), A (p, n), b (p,), G (m, n),
+h (m,). Q must be symmetric positive semidefinite; only its symmetric part
+(Q + Q^T)/2 is used, so gradients w.r.t. Q are symmetric.
+
+Forward: OSQP-style ADMM with per-row adaptive rho, infeasibility detection and
+polishing (see `_qp_solver`), one fixed-shape `tf.while_loop`, XLA-compilable.
+Backward: implicit differentiation of the KKT conditions at the solution, one dense
+solve per row (exact; the problems a layer holds are small). Rows whose status is not
+SOLVED get a zero gradient; the others are unaffected.
+
+Outputs: z (B, n); with `return_duals=True` also nu (B, p) (equality duals) and
+lam (B, m) (inequality duals, >= 0); with `return_status=True` also status (B,)
+int32: 0 solved, 1 max_iter, 2 primal infeasible, 3 dual infeasible (unbounded),
+4 numerical error (non-finite input or iterate). Rows not solved hold the last
+iterate (NaN for non-finite inputs): mask them with the status.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_implicit import _policy, _validation
+from keras_implicit.errors import ConvergenceError, ConvergenceWarning
+from keras_implicit.layers import _qp_solver as qps
+
+__all__ = ["QuadraticProgram", "solve_qp"]
+
+NAMES = ("Q", "q", "A", "b", "G", "h")
+_RANK = {"Q": 2, "q": 1, "A": 2, "b": 1, "G": 2, "h": 1}
+# which axis of each parameter (unbatched) is n, p (equalities) or m (inequalities)
+_DIMS = {
+    "Q": ("n", "n"),
+    "q": ("n",),
+    "A": ("p", "n"),
+    "b": ("p",),
+    "G": ("m", "n"),
+    "h": ("m",),
+}
+STATUS_NAMES = dict(qps.STATUS_NAMES)
+
+
+# ------------------------------------------------------------------ functional core
+
+
+def _kkt_residual(x, nu, lam, mask_in, Q, q, A, b, G, h):
+    """F of the module docstring (batched; unbatched parameters broadcast)."""
+    P = qps.symmetrize(Q)
+    stat = (
+        tf.linalg.matvec(P, x)
+        + q
+        + tf.linalg.matvec(A, nu, transpose_a=True)
+        + tf.linalg.matvec(G, lam, transpose_a=True)
+    )
+    stat = tf.broadcast_to(stat, tf.shape(x))
+    eq = tf.linalg.matvec(A, x) - b
+    eq = tf.broadcast_to(eq, tf.shape(nu))
+    ineq = mask_in * (tf.linalg.matvec(G, x) - h) + (1.0 - mask_in) * lam
+    return tf.concat([stat, eq, ineq], axis=-1)
+
+
+def _rows_finite(t, batched):
+    if not batched:
+        return None
+    axes = list(range(1, t.shape.rank))
+    return tf.reduce_all(tf.math.is_finite(t), axis=axes) if axes else tf.math.is_finite(t)
+
+
+def solve_qp(params: dict, batched: dict, settings: qps.Settings):
+    """Solves the batch of QPs; differentiable w.r.t. every floating tensor in `params`.
+
+    params: name -> tensor for all six names (absent ones as zero-size/zero tensors).
+    batched: name -> bool (True if the tensor has the leading batch axis).
+    Returns x, nu, lam, status, iterations.
+    """
+    with tf.name_scope("quadratic_program"):
+        ref = next(params[k] for k in NAMES if batched[k])
+        dtype = ref.dtype
+        B = tf.shape(ref)[0]
+        p = params["b"].shape[-1]
+        m_in = params["h"].shape[-1]
+
+        def full(name):
+            t = tf.stop_gradient(params[name])
+            if batched[name]:
+                return t
+            return tf.broadcast_to(t, tf.concat([[B], tf.shape(t)], axis=0))
+
+        Q, q, A, b, G, h = (full(k) for k in NAMES)
+        # rows with non-finite data are replaced by a trivial problem and flagged
+        ok_in = tf.ones([B], tf.bool)
+        for k in NAMES:
+            f = _rows_finite(params[k], batched[k])
+            if f is not None:
+                ok_in &= f
+        ok3, ok2 = ok_in[:, None, None], ok_in[:, None]
+        n = tf.shape(q)[-1]
+        Q = tf.where(ok3, Q, tf.eye(n, batch_shape=[B], dtype=dtype))
+        q, b, h = (tf.where(ok2, t, tf.zeros_like(t)) for t in (q, b, h))
+        A, G = (tf.where(ok3, t, tf.zeros_like(t)) for t in (A, G))
+
+        P = qps.symmetrize(Q)
+        C = tf.concat([A, G], axis=-2)
+        inf = tf.fill([B, m_in], tf.constant(np.inf, dtype))
+        lower = tf.concat([b, -inf], axis=-1)
+        upper = tf.concat([b, h], axis=-1)
+        is_eq = tf.broadcast_to(
+            tf.concat([tf.ones([p], tf.bool), tf.zeros([m_in], tf.bool)], axis=0), [B, p + m_in]
+        )
+        x, y, status, iters = qps.admm(P, q, C, lower, upper, is_eq, settings)
+        status = tf.where(ok_in, status, qps.NUMERICAL_ERROR)
+        nan = tf.constant(np.nan, dtype)
+        x = tf.where(ok2, x, nan)
+        y = tf.where(ok2, y, nan)
+        x, y, status, iters = (tf.stop_gradient(t) for t in (x, y, status, iters))
+        nu, lam = y[:, :p], y[:, p:]
+        mask_in = tf.cast(tf.not_equal(lam, 0.0), dtype)
+
+        values = [params[k] for k in NAMES]
+
+        @tf.custom_gradient
+        def attach(*theta):
+            def grad(g_x, g_nu, g_lam):
+                return _backward(g_x, g_nu, g_lam, theta)
+
+            return (tf.identity(x), tf.identity(nu), tf.identity(lam)), grad
+
+        def _backward(g_x, g_nu, g_lam, theta):
+            g = tf.concat(
+                [
+                    tf.zeros_like(t) if gt is None else tf.cast(gt, dtype)
+                    for gt, t in ((g_x, x), (g_nu, nu), (g_lam, lam))
+                ],
+                axis=-1,
+            )
+            mask = tf.concat([tf.ones_like(nu), mask_in], axis=-1)
+            K = qps.kkt_matrix(P, C, mask)
+            w = qps.qr_solve(K, g, adjoint=True)
+            ok = (
+                tf.equal(status, qps.SOLVED)
+                & tf.reduce_all(tf.math.is_finite(w), axis=-1)
+                & tf.reduce_all(tf.math.is_finite(g), axis=-1)
+            )
+            w = tf.where(ok[:, None], w, tf.zeros_like(w))
+            # evaluate F's VJP at zeros on bad rows: 0 * NaN would leak into shared weights
+            safe = [
+                tf.where(tf.reshape(ok, [-1] + [1] * (t.shape.rank - 1)), t, tf.zeros_like(t))
+                if batched[k]
+                else t
+                for k, t in zip(NAMES, theta)
+            ]
+            xs, nus, lams = (tf.where(ok[:, None], t, tf.zeros_like(t)) for t in (x, nu, lam))
+            with tf.GradientTape() as tape:
+                tape.watch(safe)
+                F = _kkt_residual(xs, nus, lams, mask_in, *safe)
+            grads = tape.gradient(
+                F, safe, output_gradients=-w, unconnected_gradients=tf.UnconnectedGradients.ZERO
+            )
+            return grads
+
+        x, nu, lam = attach(*values)
+        return x, nu, lam, status, iters
+
+
+# ------------------------------------------------------------------ the layer
+
+
+def _report(x, status, on_failure, what="QuadraticProgram"):
+    """The failure policy of `ki.fixed_point`, driven by the per-row status."""
+    if on_failure == "ignore":
+        return x
+    if tf.executing_eagerly():
+        codes = status.numpy()
+        bad = codes != qps.SOLVED
+        if bad.any():
+            counts = {STATUS_NAMES[c]: int((codes == c).sum()) for c in np.unique(codes[bad])}
+            msg = (
+                f"{what}: {int(bad.sum())} of {codes.size} problems not solved {counts}; "
+                "their rows are the last iterate and get a zero gradient "
+                "(use return_status=True to mask them)."
+            )
+            if on_failure == "raise":
+                raise ConvergenceError(msg)
+            warnings.warn(msg, ConvergenceWarning, stacklevel=_policy.user_stacklevel())
+        return x
+    if _policy.in_xla_context():
+        return x  # XLA can neither print nor raise: the status output carries it
+    all_ok = tf.reduce_all(tf.equal(status, qps.SOLVED))
+    n_bad = tf.reduce_sum(tf.cast(tf.not_equal(status, qps.SOLVED), tf.int32))
+    prefix = f"{what}: problems not solved (see status codes):"
+    if on_failure == "raise":
+        check = tf.debugging.Assert(all_ok, [prefix, n_bad])
+    else:
+
+        def report():
+            with tf.control_dependencies(
+                [tf.print("ConvergenceWarning:", prefix, n_bad, output_stream=sys.stderr)]
+            ):
+                return tf.constant(True)
+
+        check = tf.cond(all_ok, lambda: tf.constant(True), report)
+    with tf.control_dependencies([check]):
+        return tf.identity(x)
+
+
+def _as_array(name, value):
+    arr = np.asarray(value)
+    if arr.ndim != _RANK[name] or not np.issubdtype(arr.dtype, np.number):
+        raise ValueError(
+            f"`{name}` must be a numeric array of rank {_RANK[name]} "
+            f"(shape {tuple(_DIMS[name])}). Received: {name} with shape {arr.shape}"
+        )
+    return arr
+
+
+@keras.saving.register_keras_serializable(package="keras_implicit")
+class QuadraticProgram(keras.layers.Layer):
+    """Batched differentiable QP  min 1/2 z^T Q z + q^T z  s.t.  A z = b,  G z <= h.
+
+    Args:
+      Q, q, A, b, G, h: arrays for the parameters held by the layer (see the module
+        docstring); `None` for those passed in `call` or absent.
+      trainable: names (subset of the arrays given) that become trainable weights.
+      input_names: the parameters `call` receives, in order, when `call` gets a
+        list/tuple or a single tensor. Default: all names not given as arrays, in
+        the order Q, q, A, b, G, h. Not needed when `call` gets a dict.
+      return_duals: also return nu (equalities) and lam (inequalities).
+      return_status: also return the int32 status per row (0 = solved).
+      tol: absolute and relative tolerance of the ADMM residuals (default 1e-6 in
+        float64, 1e-4 in float32; polishing usually ends far below it).
+      max_iter: maximum ADMM iterations. rho, sigma, alpha: ADMM step, proximal
+        regularization and over-relaxation (OSQP's meaning). check_interval:
+        iterations between convergence checks / rho updates. polish: finish with a
+        direct KKT solve on the detected active set.
+      on_failure: "warn" (default), "raise" or "ignore" for rows not solved (same
+        semantics as `ki.fixed_point`; under XLA read the status instead).
+
+    Call:
+      inputs: dict name -> batched tensor, or list/tuple (see `input_names`), or one
+        tensor when exactly one parameter is an input.
+    """
+
+    STATUS_NAMES = STATUS_NAMES
+
+    def __init__(
+        self,
+        Q=None,
+        q=None,
+        A=None,
+        b=None,
+        G=None,
+        h=None,
+        trainable_params=(),
+        input_names=None,
+        return_duals=False,
+        return_status=False,
+        tol=None,
+        max_iter=4000,
+        rho=0.1,
+        sigma=1e-6,
+        alpha=1.6,
+        check_interval=25,
+        polish=True,
+        on_failure="warn",
+        **kwargs,
+    ):
+        # accept the brief's spelling `trainable=(names)` without clobbering Keras'
+        # boolean `trainable`
+        if "trainable" in kwargs and not isinstance(kwargs["trainable"], bool):
+            trainable_params = kwargs.pop("trainable")
+        super().__init__(**kwargs)
+        given = {"Q": Q, "q": q, "A": A, "b": b, "G": G, "h": h}
+        self._arrays = {k: _as_array(k, v) for k, v in given.items() if v is not None}
+        if isinstance(trainable_params, str):
+            trainable_params = (trainable_params,)
+        trainable_params = tuple(trainable_params or ())
+        for k in trainable_params:
+            if k not in self._arrays:
+                raise ValueError(
+                    "`trainable_params` may only name parameters given as arrays "
+                    f"({sorted(self._arrays)}). Received: trainable_params={trainable_params!r}"
+                )
+        self.trainable_params = trainable_params
+        if input_names is not None:
+            input_names = tuple(input_names)
+            bad = [k for k in input_names if k not in NAMES or k in self._arrays]
+            if bad or len(set(input_names)) != len(input_names):
+                raise ValueError(
+                    f"`input_names` must be distinct names from {NAMES} not given as arrays "
+                    f"(given: {sorted(self._arrays)}). Received: input_names={input_names!r}"
+                )
+        self.input_names = input_names
+        self.return_duals = bool(return_duals)
+        self.return_status = bool(return_status)
+        self.settings = qps.Settings(
+            tol=None if tol is None else _validation.positive_float("tol", tol),
+            max_iter=_validation.positive_int("max_iter", max_iter),
+            rho=_validation.positive_float("rho", rho),
+            sigma=_validation.positive_float("sigma", sigma),
+            alpha=_validation.float_in_range("alpha", alpha, 0.0, 2.0, low_open=True),
+            check_interval=_validation.positive_int("check_interval", check_interval),
+            polish=bool(polish),
+        )
+        if alpha >= 2.0:
+            raise ValueError(f"`alpha` must be in (0, 2). Received: alpha={alpha!r}")
+        self.on_failure = _policy.check_policy(on_failure)
+        self._weights_by_name = {}
+        self._input_keys = None
+
+    # ------------------------------------------------------------ inputs and shapes
+
+    def _default_input_names(self):
+        return tuple(k for k in NAMES if k not in self._arrays)
+
+    def _normalize(self, inputs):
+        """inputs -> dict name -> value (tensor or shape)."""
+        if isinstance(inputs, dict):
+            bad = [k for k in inputs if k not in NAMES]
+            clash = [k for k in inputs if k in self._arrays]
+            if bad or clash:
+                raise ValueError(
+                    f"QuadraticProgram inputs must be keyed by names from {NAMES} that were not "
+                    f"given as arrays (given: {sorted(self._arrays)}). Received keys: "
+                    f"{sorted(inputs)}"
+                )
+            return dict(inputs)
+        names = self.input_names or self._default_input_names()
+        seq = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+        # a bare shape tuple (ints) is one input
+        if isinstance(inputs, (list, tuple)) and inputs and not hasattr(inputs[0], "__len__"):
+            seq = [inputs]
+        if len(seq) != len(names):
+            raise ValueError(
+                f"QuadraticProgram expected {len(names)} input(s) {names} (set `input_names` "
+                f"or pass a dict). Received: {len(seq)} input(s)"
+            )
+        return dict(zip(names, seq))
+
+    def _sizes(self, shapes):
+        """Resolves n, p, m from arrays and input shapes (batched: leading axis dropped)."""
+        sizes = {}
+        sources = {k: tuple(v.shape) for k, v in self._arrays.items()}
+        for k, s in shapes.items():
+            s = tuple(s)
+            if len(s) != _RANK[k] + 1:
+                raise ValueError(
+                    f"Input `{k}` must have shape (batch, {', '.join(_DIMS[k])}). "
+                    f"Received: {k}.shape={s}"
+                )
+            sources[k] = s[1:]
+        for k, s in sources.items():
+            for dim_name, dim in zip(_DIMS[k], s):
+                if dim is None:
+                    continue
+                if dim_name in sizes and sizes[dim_name][0] != dim:
+                    raise ValueError(
+                        f"Inconsistent QP sizes: {dim_name}={sizes[dim_name][0]} from "
+                        f"`{sizes[dim_name][1]}` but {dim} from `{k}` (shape {s})."
+                    )
+                sizes.setdefault(dim_name, (dim, k))
+        for a, c in (("A", "b"), ("G", "h")):
+            if (a in sources) != (c in sources):
+                have, miss = (a, c) if a in sources else (c, a)
+                raise ValueError(
+                    f"`{a}` and `{c}` come as a pair: `{have}` is given but `{miss}` is neither "
+                    f"an array nor an input. Received: {sorted(sources)}"
+                )
+        if "n" not in sizes:
+            raise ValueError(
+                "Cannot infer the number of variables n: give Q, q, A or G (array or input "
+                f"with a known last axis). Received: {sorted(sources)}"
+            )
+        return {d: sizes.get(d, (0, None))[0] for d in ("n", "p", "m")}, sources
+
+    def build(self, input_shape):
+        shapes = self._normalize(input_shape)
+        if not shapes:
+            raise ValueError("QuadraticProgram needs at least one batched input.")
+        self._input_keys = tuple(k for k in NAMES if k in shapes)
+        sizes, _ = self._sizes(shapes)
+        self._n, self._p, self._m = sizes["n"], sizes["p"], sizes["m"]
+        for k, arr in self._arrays.items():
+            self._weights_by_name[k] = self.add_weight(
+                name=k,
+                shape=arr.shape,
+                initializer=keras.initializers.Constant(arr),
+                trainable=k in self.trainable_params,
+            )
+
+    def _param_tensors(self, inputs, dtype):
+        n, p, m = self._n, self._p, self._m
+        params, batched = {}, {}
+        for k in NAMES:
+            if k in inputs:
+                params[k], batched[k] = tf.cast(inputs[k], dtype), True
+            elif k in self._weights_by_name:
+                params[k], batched[k] = tf.cast(self._weights_by_name[k], dtype), False
+            else:
+                shape = {"Q": [n, n], "q": [n], "A": [p, n], "b": [p], "G": [m, n], "h": [m]}[k]
+                params[k], batched[k] = tf.zeros(shape, dtype), False
+        return params, batched
+
+    def call(self, inputs):
+        inputs = self._normalize(inputs)
+        keys = tuple(k for k in NAMES if k in inputs)
+        if keys != self._input_keys:
+            raise ValueError(
+                f"QuadraticProgram was built with inputs {self._input_keys}. Received: {keys}"
+            )
+        self._sizes({k: v.shape for k, v in inputs.items()})  # shape checks with values
+        dtype = tf.as_dtype(self.compute_dtype)
+        params, batched = self._param_tensors(inputs, dtype)
+        x, nu, lam, status, _ = solve_qp(params, batched, self.settings)
+        x = _report(x, status, self.on_failure)
+        out = [x]
+        if self.return_duals:
+            out += [nu, lam]
+        if self.return_status:
+            out.append(status)
+        return out[0] if len(out) == 1 else tuple(out)
+
+    def compute_output_shape(self, input_shape):
+        shapes = self._normalize(input_shape)
+        batch = next(iter(next(iter(shapes.values()))))
+        sizes, _ = self._sizes(shapes)
+        out = [(batch, sizes["n"])]
+        if self.return_duals:
+            out += [(batch, sizes["p"]), (batch, sizes["m"])]
+        if self.return_status:
+            out.append((batch,))
+        return out[0] if len(out) == 1 else tuple(out)
+
+    def compute_output_spec(self, inputs):
+        shapes = self.compute_output_shape({k: v.shape for k, v in self._normalize(inputs).items()})
+        single = not (self.return_duals or self.return_status)
+        shapes = [shapes] if single else list(shapes)
+        specs = [keras.KerasTensor(s, dtype=self.compute_dtype) for s in shapes]
+        if self.return_status:
+            specs[-1] = keras.KerasTensor(shapes[-1], dtype="int32")
+        return specs[0] if single else tuple(specs)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({k: self._arrays[k].tolist() for k in self._arrays})
+        s = self.settings
+        config.update(
+            trainable_params=list(self.trainable_params),
+            input_names=None if self.input_names is None else list(self.input_names),
+            return_duals=self.return_duals,
+            return_status=self.return_status,
+            tol=s.tol,
+            max_iter=s.max_iter,
+            rho=s.rho,
+            sigma=s.sigma,
+            alpha=s.alpha,
+            check_interval=s.check_interval,
+            polish=s.polish,
+            on_failure=self.on_failure,
+        )
+        return config
