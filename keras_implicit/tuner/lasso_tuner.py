@@ -1,0 +1,343 @@
+"""A keras-tuner Tuner for the penalties of ``ki.lasso`` models, by hypergradients."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import keras
+import numpy as np
+from keras_tuner.engine.base_tuner import BaseTuner
+
+from keras_implicit import lasso as ki_lasso
+from keras_implicit.tuner.oracle import (
+    DEFAULT_OBJECTIVE,
+    HypergradientOracle,
+    gradient_metric,
+    summarize_values,
+)
+
+HEAD_FILE = "sparse_head.npz"
+ESTIMATORS = (
+    ki_lasso.Lasso,
+    ki_lasso.ElasticNet,
+    ki_lasso.WeightedLasso,
+    ki_lasso.SparseLogisticRegression,
+)
+
+
+def penalty_names(estimator, n_features: int) -> list[str]:
+    """Hyperparameter names of ``estimator``'s penalties (in ``get_log_penalties`` order)."""
+    if isinstance(estimator, ki_lasso.WeightedLasso):
+        width = len(str(n_features - 1))
+        return [f"alpha_{j:0{width}d}" for j in range(n_features)]
+    if isinstance(estimator, ki_lasso.ElasticNet):
+        return ["alpha_l1", "alpha_l2"]
+    return ["alpha"]
+
+
+def build_head_model(coef, intercept, *, logistic=False, feature_extractor=None):
+    """Keras model ``x -> Dense(1)(features(x))`` carrying a fitted sparse linear head.
+
+    The head is a float64 ``Dense(1)`` (sigmoid for the logistic loss) whose kernel and
+    bias are the estimator's ``coef_`` and ``intercept_``: ``model.predict(x)[:, 0]``
+    equals ``estimator.predict`` (regression) or ``predict_proba(x)[:, 1]`` (logistic);
+    exactly when called as ``model(x)`` (float64 throughout), to float32 input precision
+    with ``model.predict`` (whose data adapter casts numpy inputs to ``floatx``).
+    """
+    coef = np.asarray(coef, dtype=np.float64).ravel()
+    if feature_extractor is None:
+        inputs = keras.Input(shape=(coef.size,), dtype="float64", name="features")
+        features = inputs
+    else:
+        feature_extractor.trainable = False  # frozen: only the head was fitted
+        inputs = keras.Input(shape=tuple(feature_extractor.input_shape[1:]), name="inputs")
+        features = feature_extractor(inputs)
+    head = keras.layers.Dense(
+        1, activation="sigmoid" if logistic else None, dtype="float64", name="sparse_head"
+    )
+    outputs = head(features)
+    head.set_weights([coef[:, None], np.array([intercept], dtype=np.float64)])
+    return keras.Model(inputs, outputs, name="sparse_linear_head")
+
+
+class LassoTuner(BaseTuner):
+    """Tunes the penalties of a ``ki.lasso`` estimator with a hypergradient oracle.
+
+    Each trial fits the estimator at the trial's penalties (warm-started from the
+    previous fit), evaluates the validation criterion (held-out MSE or logistic loss,
+    or K-fold cross-validation) and its gradient with respect to the log penalties,
+    and reports them as ``"val_criterion"`` and ``"hypergradient/<name>"``.
+
+    Hyperparameters (all ``Float(sampling="log")``): ``"alpha"`` (Lasso,
+    SparseLogisticRegression), ``"alpha_l1"``, ``"alpha_l2"`` (ElasticNet), or one
+    ``"alpha_<j>"`` per feature (WeightedLasso). Unless declared beforehand in the
+    oracle's ``hyperparameters``, they are declared at ``search`` time with bounds
+    ``penalty_range * alpha_max(x, y)`` and default ``initial_penalty * alpha_max``
+    (the l2 penalty of ElasticNet is scaled by the mean feature variance instead).
+
+    Args:
+      estimator: a ``ki.lasso`` estimator (its other parameters, e.g. ``tol``, are
+        kept). Defaults to ``ki.lasso.Lasso()``.
+      oracle: defaults to ``HypergradientOracle(max_trials=max_trials)``.
+      max_trials: used when ``oracle`` is not given.
+      feature_extractor: optional Keras model applied (frozen) to the inputs; the
+        sparse head is fitted on its outputs.
+      penalty_range, initial_penalty: bounds and starting value relative to
+        ``alpha_max``.
+      directory, project_name, overwrite: as every keras-tuner Tuner.
+    """
+
+    def __init__(
+        self,
+        estimator=None,
+        oracle=None,
+        *,
+        max_trials=25,
+        feature_extractor=None,
+        penalty_range=(1e-4, 1.0),
+        initial_penalty=0.1,
+        directory=None,
+        project_name=None,
+        overwrite=False,
+        **kwargs,
+    ):
+        estimator = ki_lasso.Lasso() if estimator is None else estimator
+        if not isinstance(estimator, ESTIMATORS):
+            raise ValueError(
+                "`estimator` must be a ki.lasso estimator (Lasso, ElasticNet, "
+                f"WeightedLasso or SparseLogisticRegression). Received: estimator={estimator!r}"
+            )
+        if feature_extractor is not None and not isinstance(feature_extractor, keras.Model):
+            raise ValueError(
+                "`feature_extractor` must be a keras.Model (or None). "
+                f"Received: feature_extractor={feature_extractor!r}"
+            )
+        low, high = _check_range(penalty_range, initial_penalty)
+        if oracle is None:
+            oracle = HypergradientOracle(objective=DEFAULT_OBJECTIVE, max_trials=max_trials)
+        self.estimator = estimator
+        self.feature_extractor = feature_extractor
+        self.penalty_range = (low, high)
+        self.initial_penalty = float(initial_penalty)
+        self._state = {}
+        super().__init__(
+            oracle=oracle,
+            hypermodel=None,
+            directory=directory,
+            project_name=project_name,
+            overwrite=overwrite,
+            **kwargs,
+        )
+
+    @property
+    def _logistic(self):
+        return isinstance(self.estimator, ki_lasso.SparseLogisticRegression)
+
+    # -- search -------------------------------------------------------------------------
+    def search(self, x, y, validation_data=None, cv=None, verbose=1):
+        """Searches the penalties.
+
+        Args:
+          x, y: training data (all the data with ``cv``).
+          validation_data: ``(x_val, y_val)`` for a held-out criterion.
+          cv: number of folds (int >= 2) for a cross-validation criterion instead.
+          verbose: keras-tuner's display verbosity.
+        """
+        if (validation_data is None) == (cv is None):
+            raise ValueError(
+                "LassoTuner.search needs exactly one validation scheme: "
+                "`validation_data=(x_val, y_val)` or `cv=K` (K-fold cross-validation). "
+                f"Received: validation_data={_describe(validation_data)}, cv={cv!r}"
+            )
+        if cv is not None and (not isinstance(cv, int) or isinstance(cv, bool) or cv < 2):
+            raise ValueError(f"`cv` must be an integer >= 2. Received: cv={cv!r}")
+        if validation_data is not None:
+            if not isinstance(validation_data, tuple | list) or len(validation_data) != 2:
+                raise ValueError(
+                    "`validation_data` must be a tuple (x_val, y_val). "
+                    f"Received: validation_data={_describe(validation_data)}"
+                )
+            x_val, y_val = validation_data
+            validation_data = (self._features(x_val), np.asarray(y_val))
+        x = self._features(x)
+        y = np.asarray(y)
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(
+                f"`x` and `y` have mismatched numbers of samples: {x.shape[0]} and {y.shape[0]}."
+            )
+        self._declare_space(x, y)
+        self._state = {}  # warm starts and converted data belong to this data set
+        super().search(x, y, validation_data=validation_data, cv=cv, verbose=verbose)
+
+    def _features(self, x):
+        if self.feature_extractor is None:
+            return x  # dense or sparse: ki.lasso converts it
+        return np.asarray(self.feature_extractor.predict(x, verbose=0), dtype=np.float64)
+
+    def _declare_space(self, x, y):
+        """Declares the penalties as log Floats scaled by alpha_max (if not yet declared)."""
+        loss = "logistic" if self._logistic else "squared"
+        fit_intercept = bool(self.estimator.fit_intercept)
+        scale = ki_lasso.alpha_max(x, y, fit_intercept=fit_intercept, loss=loss)
+        if not scale > 0:
+            raise ValueError("alpha_max(x, y) is 0: `y` is constant or `x` is all zeros.")
+        hp = self.oracle.get_space()
+        low, high = self.penalty_range
+        for name in penalty_names(self.estimator, x.shape[1]):
+            if hp._exists(name):
+                continue
+            unit = _feature_variance(x) if name == "alpha_l2" else scale
+            hp.Float(
+                name,
+                min_value=low * unit,
+                max_value=high * unit,
+                sampling="log",
+                default=self.initial_penalty * unit,
+            )
+        self.oracle.update_space(hp)
+
+    def _criterion(self, validation_data, cv):
+        kind = "logistic" if self._logistic else "mse"
+        if cv is not None:
+            return ki_lasso.CrossVal(criterion=kind, cv=cv)
+        x_val, y_val = validation_data
+        if self._logistic:
+            return ki_lasso.HeldOutLogistic(x_val, y_val)
+        return ki_lasso.HeldOutMSE(x_val, y_val)
+
+    def _estimator_at(self, hyperparameters, n_features):
+        model = ki_lasso.clone(self.estimator)
+        names = penalty_names(model, n_features)
+        model.set_log_penalties(np.log([hyperparameters.get(name) for name in names]))
+        return model
+
+    # -- one trial ----------------------------------------------------------------------
+    def run_trial(self, trial, x, y, validation_data=None, cv=None, verbose=None):
+        del verbose
+        hp = trial.hyperparameters
+        n_features = x.shape[1]
+        model = self._estimator_at(hp, n_features)
+        criterion = self._criterion(validation_data, cv)
+        value, grad = ki_lasso.hypergradient(model, criterion, x, y, state=self._state)
+        if cv is not None:
+            # CrossVal leaves the model fitted on its last fold: refit on all the data.
+            model = self._estimator_at(hp, n_features).fit(x, y)
+        self.save_model(trial.trial_id, model)
+        metrics = {
+            DEFAULT_OBJECTIVE: float(value),
+            "gradient_norm": float(np.linalg.norm(grad)),
+            "n_active": float(np.count_nonzero(model.coef_)),
+        }
+        for name, g in zip(penalty_names(model, n_features), grad, strict=True):
+            metrics[gradient_metric(name)] = float(g)
+        if self.oracle.objective.name != DEFAULT_OBJECTIVE:
+            metrics[self.oracle.objective.name] = float(value)
+        return metrics
+
+    # -- models ---------------------------------------------------------------------------
+    def save_model(self, trial_id, model, step=0):
+        del step
+        path = os.path.join(self.get_trial_dir(trial_id), HEAD_FILE)
+        classes = getattr(model, "classes_", None)
+        np.savez(
+            path,
+            coef=model.coef_,
+            intercept=np.array(model.intercept_),
+            classes=np.array([] if classes is None else classes),
+            params=np.array(json.dumps(_jsonable(model.get_params()))),
+        )
+
+    def load_estimator(self, trial):
+        """The fitted ``ki.lasso`` estimator of ``trial``."""
+        path = os.path.join(self.get_trial_dir(trial.trial_id), HEAD_FILE)
+        if not os.path.exists(path):
+            raise ValueError(
+                f"Trial {trial.trial_id} has no saved model (status {trial.status}); "
+                "it did not complete."
+            )
+        with np.load(path) as saved:
+            params = json.loads(str(saved["params"]))
+            model = type(self.estimator)(**params)
+            model.coef_ = saved["coef"].astype(np.float64)
+            model.intercept_ = float(saved["intercept"])
+            model.n_features_in_ = model.coef_.size
+            if saved["classes"].size:
+                model.classes_ = saved["classes"]
+        return model
+
+    def load_model(self, trial):
+        model = self.load_estimator(trial)
+        return build_head_model(
+            model.coef_,
+            model.intercept_,
+            logistic=self._logistic,
+            feature_extractor=self.feature_extractor,
+        )
+
+    def get_best_estimators(self, num_models=1):
+        """The fitted ``ki.lasso`` estimators of the best trials."""
+        return [self.load_estimator(t) for t in self.oracle.get_best_trials(num_models)]
+
+    # -- reporting ------------------------------------------------------------------------
+    def results_summary(self, num_trials=10):
+        """Prints the best trials: penalties (summarized when many), criterion, gradient."""
+        print("Results summary")
+        print(f"Results in {self.project_dir}")
+        print(f"Showing {num_trials} best trials")
+        print(f"{self.oracle.objective}")
+        for trial in self.oracle.get_best_trials(num_trials):
+            print()
+            print(trial_summary(trial, self.oracle.objective.name))
+
+
+def trial_summary(trial, objective_name=DEFAULT_OBJECTIVE) -> str:
+    """A few lines describing one trial (penalties summarized when there are many)."""
+    lines = [f"Trial {trial.trial_id} ({trial.status})"]
+    penalties = summarize_values(trial.hyperparameters.values)
+    label = "penalties" if len(penalties) < len(trial.hyperparameters.values) else "penalty"
+    lines.append(f"  {label}: " + ", ".join(f"{k}={v}" for k, v in penalties))
+    metrics = trial.metrics
+    for name, text in ((objective_name, "criterion"), ("gradient_norm", "gradient norm")):
+        if metrics.exists(name):
+            lines.append(f"  {text}: {metrics.get_last_value(name):.6g}")
+    if metrics.exists("n_active"):
+        lines.append(f"  active features: {int(metrics.get_last_value('n_active'))}")
+    if trial.message:
+        lines.append(f"  message: {trial.message.strip().splitlines()[-1]}")
+    return "\n".join(lines)
+
+
+def _feature_variance(x):
+    x = x.toarray() if hasattr(x, "toarray") else np.asarray(x, dtype=np.float64)
+    return max(float(np.mean(np.var(x, axis=0))), 1e-12)
+
+
+def _check_range(penalty_range, initial_penalty):
+    try:
+        low, high = (float(v) for v in penalty_range)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"`penalty_range` must be a pair (low, high). Received: penalty_range={penalty_range!r}"
+        ) from None
+    if not 0 < low < high:
+        raise ValueError(
+            "`penalty_range` must satisfy 0 < low < high. "
+            f"Received: penalty_range={penalty_range!r}"
+        )
+    if not isinstance(initial_penalty, int | float) or not low <= initial_penalty <= high:
+        raise ValueError(
+            "`initial_penalty` must lie within `penalty_range`. "
+            f"Received: initial_penalty={initial_penalty!r}, penalty_range={penalty_range!r}"
+        )
+    return low, high
+
+
+def _jsonable(params):
+    return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in params.items()}
+
+
+def _describe(value):
+    if value is None:
+        return "None"
+    return f"<{type(value).__name__}>"

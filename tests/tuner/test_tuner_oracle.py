@@ -1,0 +1,195 @@
+"""HypergradientOracle on its own: a toy Tuner with an analytic objective (no Lasso)."""
+
+import keras_tuner
+import numpy as np
+import pytest
+from keras_tuner.engine.base_tuner import BaseTuner
+
+from keras_implicit.tuner import HypergradientOracle, gradient_metric
+from keras_implicit.tuner.oracle import summarize_values
+
+TARGET = {"a": 0.3, "b": 20.0}  # minimizer of the toy objective (inside the bounds)
+
+
+def toy_space(low_b=1e-2, high_b=1e3):
+    hp = keras_tuner.HyperParameters()
+    hp.Float("a", 1e-3, 10.0, sampling="log", default=5.0)
+    hp.Float("b", low_b, high_b, sampling="log", default=0.1)
+    return hp
+
+
+class QuadraticTuner(BaseTuner):
+    """Objective: a quadratic in log space; reports the exact log-gradient."""
+
+    def __init__(self, *args, report_gradient=True, **kwargs):
+        self.report_gradient = report_gradient
+        super().__init__(*args, **kwargs)
+
+    def run_trial(self, trial, scales=(1.0, 4.0), verbose=None):
+        metrics = {"val_criterion": 1.0}
+        for (name, target), scale in zip(TARGET.items(), scales, strict=True):
+            delta = np.log(trial.hyperparameters.get(name)) - np.log(target)
+            metrics["val_criterion"] += 0.5 * scale * delta**2
+            if self.report_gradient:
+                metrics[gradient_metric(name)] = scale * delta
+        return metrics
+
+    def save_model(self, trial_id, model, step=0):
+        pass
+
+
+def make_tuner(tmp_path, oracle, **kwargs):
+    return QuadraticTuner(oracle=oracle, directory=str(tmp_path), project_name="toy", **kwargs)
+
+
+def best_values(tuner):
+    return tuner.get_best_hyperparameters()[0].values
+
+
+def test_line_search_descends_to_the_minimizer(tmp_path):
+    oracle = HypergradientOracle(max_trials=25, hyperparameters=toy_space())
+    tuner = make_tuner(tmp_path, oracle)
+    tuner.search(verbose=0)
+    best = best_values(tuner)
+    assert best["a"] == pytest.approx(TARGET["a"], rel=0.05)
+    assert best["b"] == pytest.approx(TARGET["b"], rel=0.05)
+    assert len(oracle.trials) <= 25
+    first = oracle.trials[oracle.start_order[0]].hyperparameters.values
+    assert first["a"] == pytest.approx(5.0) and first["b"] == pytest.approx(0.1)
+
+
+def test_adam_decreases_the_objective(tmp_path):
+    # Objective 61 at the defaults, 1.0 at the minimizer.
+    oracle = HypergradientOracle(max_trials=60, policy="adam", hyperparameters=toy_space())
+    tuner = make_tuner(tmp_path, oracle)
+    tuner.search(verbose=0)
+    assert oracle.get_best_trials()[0].score < 1.1
+
+
+def test_line_search_stops_on_convergence_before_max_trials(tmp_path):
+    oracle = HypergradientOracle(max_trials=200, hyperparameters=toy_space())
+    tuner = make_tuner(tmp_path, oracle)
+    tuner.search(verbose=0)
+    assert len(oracle.trials) < 60
+    assert oracle.chain_summary()["tuner0"]["stop_reason"] is not None
+
+
+def test_stays_within_bounds_and_stops_at_the_bound(tmp_path):
+    # The minimizer b = 20 lies above max_value = 5: the search ends on that bound.
+    oracle = HypergradientOracle(max_trials=40, hyperparameters=toy_space(high_b=5.0))
+    tuner = make_tuner(tmp_path, oracle)
+    tuner.search(verbose=0)
+    for trial in oracle.trials.values():
+        assert 1e-2 <= trial.hyperparameters.get("b") <= 5.0
+        assert 1e-3 <= trial.hyperparameters.get("a") <= 10.0
+    assert best_values(tuner)["b"] == pytest.approx(5.0, rel=1e-6)
+    assert best_values(tuner)["a"] == pytest.approx(TARGET["a"], rel=0.05)
+
+
+def test_resume_continues_the_same_chain(tmp_path):
+    reference = HypergradientOracle(max_trials=10, hyperparameters=toy_space())
+    make_tuner(tmp_path / "reference", reference).search(verbose=0)
+    expected = [reference.trials[t].hyperparameters.values for t in reference.start_order]
+
+    first = HypergradientOracle(max_trials=4, hyperparameters=toy_space())
+    make_tuner(tmp_path, first).search(verbose=0)
+    assert len(first.trials) == 4
+    resumed = HypergradientOracle(max_trials=10, hyperparameters=toy_space())
+    tuner = make_tuner(tmp_path, resumed)  # overwrite=False: reloads the project
+    assert len(resumed.trials) == 4
+    tuner.search(verbose=0)
+    got = [resumed.trials[t].hyperparameters.values for t in resumed.start_order]
+    assert len(expected) > 5  # the resumed part is not empty
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected, strict=True):
+        assert a["a"] == pytest.approx(b["a"], rel=1e-12)
+        assert a["b"] == pytest.approx(b["b"], rel=1e-12)
+
+
+def _finish(oracle, trial, grad_a=1.0, grad_b=-1.0):
+    oracle.update_trial(
+        trial.trial_id,
+        {"val_criterion": 2.0, gradient_metric("a"): grad_a, gradient_metric("b"): grad_b},
+    )
+    trial.status = "COMPLETED"
+    oracle.end_trial(trial)
+
+
+def test_idle_while_the_chain_waits_then_running_then_stopped(tmp_path):
+    oracle = HypergradientOracle(max_trials=3, hyperparameters=toy_space())
+    oracle._set_project_dir(str(tmp_path), "manual")
+    first = oracle.create_trial("tuner0")
+    assert first.status == "RUNNING"
+    # Another request for the same chain while its trial is pending (as after a
+    # reload, when the pending trial waits in the retry queue) gets IDLE.
+    assert oracle.populate_space("99")["status"] == "IDLE"
+    _finish(oracle, first)
+    second = oracle.create_trial("tuner0")
+    assert second.status == "RUNNING"
+    # A descent step: a goes down and b up (signs of the gradient).
+    assert second.hyperparameters.get("a") < 5.0
+    assert second.hyperparameters.get("b") > 0.1
+    _finish(oracle, second, grad_a=0.5, grad_b=-0.5)
+    _finish(oracle, oracle.create_trial("tuner0"))
+    assert oracle.create_trial("tuner0").status == "STOPPED"  # max_trials reached
+
+
+def test_state_round_trips_through_get_state(tmp_path):
+    oracle = HypergradientOracle(max_trials=5, hyperparameters=toy_space())
+    make_tuner(tmp_path, oracle).search(verbose=0)
+    state = oracle.get_state()
+    clone = HypergradientOracle(max_trials=5, hyperparameters=toy_space())
+    clone.trials = oracle.trials
+    clone.set_state(state)
+    assert clone._chains == oracle._chains
+    assert "hypergradient_chains" in state
+
+
+def test_non_log_hyperparameter_is_rejected(tmp_path):
+    hp = keras_tuner.HyperParameters()
+    hp.Float("a", 0.1, 1.0)  # linear sampling
+    with pytest.raises(ValueError, match="sampling='log'.*Received"):
+        HypergradientOracle(hyperparameters=hp, max_trials=3).create_trial("tuner0")
+    hp = keras_tuner.HyperParameters()
+    hp.Int("units", 1, 10)
+    oracle = HypergradientOracle(max_trials=3)
+    with pytest.raises(ValueError, match="only Float hyperparameters with sampling='log'"):
+        oracle.update_space(hp)
+
+
+def test_fixed_hyperparameters_pass_through(tmp_path):
+    hp = toy_space()
+    hp.Fixed("activation", "relu")
+    oracle = HypergradientOracle(max_trials=3, hyperparameters=hp)
+    make_tuner(tmp_path, oracle).search(verbose=0)
+    assert all(t.hyperparameters.get("activation") == "relu" for t in oracle.trials.values())
+
+
+def test_missing_hypergradient_metric_is_a_clear_error(tmp_path):
+    oracle = HypergradientOracle(max_trials=3, hyperparameters=toy_space())
+    tuner = make_tuner(tmp_path, oracle, report_gradient=False)
+    with pytest.raises(ValueError, match="hypergradient/a"):
+        tuner.search(verbose=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"policy": "sgd"}, "policy"),
+        ({"learning_rate": -1.0}, "learning_rate"),
+        ({"patience": 0}, "patience"),
+        ({"max_trials": 0}, "max_trials"),
+        ({"objective": keras_tuner.Objective("acc", "max")}, "minimizes"),
+    ],
+)
+def test_bad_settings(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        HypergradientOracle(**kwargs)
+
+
+def test_summarize_values_is_compact_for_many_values():
+    many = {f"alpha_{j:03d}": float(j + 1) for j in range(500)}
+    rows = dict(summarize_values(many))
+    assert rows == {"count": "500", "min": "1", "median": "250.5", "max": "500"}
+    few = dict(summarize_values({"alpha": 0.5}))
+    assert few == {"alpha": "0.5"}
