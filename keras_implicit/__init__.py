@@ -9,7 +9,10 @@ and cones, convex programs, and Lasso hyperparameter search by hypergradients.
 from keras_implicit import (
     _backend,  # noqa: F401  (must precede any keras import)
     diagnostics,
+    lasso,
+    layers,
     linalg,
+    ops,
     solvers,
 )
 from keras_implicit._version import __version__
@@ -27,7 +30,22 @@ __all__ = [
     "custom_root",
     "diagnostics",
     "fixed_point",
+    "lasso",
+    "layers",
     "linalg",
+    "ops",
     "root",
     "solvers",
+    "tuner",
 ]
+
+
+def __getattr__(name):
+    # keras-tuner takes seconds to import: load `ki.tuner` on first use only
+    if name == "tuner":
+        import importlib
+
+        module = importlib.import_module("keras_implicit.tuner")
+        globals()["tuner"] = module
+        return module
+    raise AttributeError(f"module 'keras_implicit' has no attribute {name!r}")

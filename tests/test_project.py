@@ -61,6 +61,39 @@ def test_public_api_contract():
     for name in ("CG", "GMRES", "BiCGStab", "Broyden", "Neumann", "Dense", "get"):
         assert hasattr(ki.linalg, name), name
     assert set(ki.SolverStats._fields) == {"iterations", "residual", "converged"}
+    ops = """projection_non_negative projection_box projection_hyperplane projection_halfspace
+        projection_affine_set projection_simplex projection_l1_ball projection_l1_sphere
+        projection_l2_ball projection_l2_sphere projection_linf_ball
+        projection_second_order_cone projection_psd_cone projection_exp_cone sparsemax
+        prox_lasso prox_elastic_net prox_group_lasso prox_ridge prox_non_negative_lasso"""
+    for name in ops.split():
+        assert callable(getattr(ki.ops, name)), name
+    for name in (
+        "DEQ",
+        "DenseCell",
+        "ConvCell",
+        "MonotoneDenseCell",
+        "Projection",
+        "Sparsemax",
+        "SimplexProjection",
+        "PSDProjection",
+        "QuadraticProgram",
+    ):
+        assert hasattr(ki.layers, name), name
+    for name in (
+        "Lasso",
+        "ElasticNet",
+        "WeightedLasso",
+        "SparseLogisticRegression",
+        "HeldOutMSE",
+        "HeldOutLogistic",
+        "CrossVal",
+        "SURE",
+        "hypergradient",
+    ):
+        assert hasattr(ki.lasso, name), name
+    for name in ("HypergradientOracle", "LassoTuner"):
+        assert hasattr(ki.tuner, name), name
 
 
 def test_refuses_other_keras_backends():

@@ -1,0 +1,339 @@
+"""Deep equilibrium layer: the output is the fixed point z* = cell(z*, x).
+
+The forward pass runs a fixed-point solver (`ki.fixed_point`) with gradient recording
+paused, so training memory does not grow with the number of solver iterations. The
+backward pass is either
+
+* "implicit": the implicit function theorem, (I - J^T) u = g solved by a matrix-free
+  linear solver (GMRES by default) at z*, gradients flowing to x and to every weight
+  of the cell; or
+* "phantom": a cheap approximation (Geng et al. 2021): from z* (gradient stopped),
+  `phantom_steps` damped unrolled steps z <- (1 - d) z + d cell(z, x) are taken with
+  the tape recording, and ordinary backprop through those steps gives the gradient.
+
+Solver statistics are layer metrics (`keras.metrics.Mean`), so they show up in
+`model.fit` logs, `History` and TensorBoard, also under `jit_compile=True` (they are
+variables updated in the compiled step, not Python side effects):
+`<name>_forward_iterations`, `<name>_forward_residual`, `<name>_forward_converged`
+(fraction of samples) and, for the implicit backward,
+`<name>_backward_iterations`, `<name>_backward_residual` (assigned from the core's
+`backward_callback` while the gradient is computed).
+
+Bad samples: rows of x that are not finite are solved as zeros but reported broken
+(the failure policy fires, `*_forward_converged` drops), and their output rows are
+zero, so a NaN sample cannot reach the loss and turn the batch's gradient into NaN.
+With `on_failure="raise"` under XLA the core's NaN rows are kept (that is what the user
+asked for).
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import keras
+import tensorflow as tf
+
+from keras_implicit import _validation, linalg, solvers
+from keras_implicit.implicit import fixed_point
+
+__all__ = ["DEQ"]
+
+_BACKWARD = ("implicit", "phantom")
+
+
+def _optional(check, name, value):
+    return None if value is None else check(name, value)
+
+
+def _state_spec(shape):
+    if shape is None:
+        return None
+    if isinstance(shape, numbers.Integral) and not isinstance(shape, bool):
+        shape = (shape,)
+    try:
+        shape = tuple(shape)
+    except TypeError:
+        shape = None
+    if not shape or any(
+        isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1 for s in shape
+    ):
+        raise ValueError(
+            f"`state_shape` must be a tuple of positive integers (without the batch axis). "
+            f"Received: state_shape={shape!r}"
+        )
+    return tuple(int(s) for s in shape)
+
+
+def _finite_rows(x):
+    flat = tf.reshape(x, tf.stack([tf.shape(x)[0], -1]))
+    return tf.reduce_all(tf.math.is_finite(flat), axis=-1)
+
+
+def _where_rows(rows, a, b):
+    mask = tf.reshape(rows, tf.concat([tf.shape(rows), tf.ones([a.shape.rank - 1], tf.int32)], 0))
+    return tf.where(mask, a, b)
+
+
+@keras.saving.register_keras_serializable(package="keras_implicit")
+class DEQ(keras.layers.Layer):
+    """Deep equilibrium layer: returns z* with z* = cell(z*, x).
+
+    Args:
+        cell: a Keras layer called as `cell(z, x)` returning a tensor shaped like z
+            (`ki.layers.DenseCell`, `ConvCell`, `MonotoneDenseCell`, or your own).
+        state_shape: shape of z without the batch axis. Default: the cell's
+            `state_shape(input_shape)` if it has one, else the shape of x.
+        solver: forward solver name or `ki.solvers.Solver` ("anderson" default).
+        max_iter, tol: forward budget and tolerance (relative residual per sample).
+        inference_max_iter, inference_tol: used instead when `training` is false
+            (e.g. a smaller budget for prediction); default: the training values.
+        backward: "implicit" (default) or "phantom".
+        linear_solver, backward_max_iter, backward_tol: the implicit backward solve.
+        phantom_steps, phantom_damping: the phantom backward (k steps, damping in (0, 1]).
+        initial_state: "zeros" (default) or a callable `x -> z0` (e.g. a registered
+            function or a Keras layer); z0 gets no gradient.
+        jacobian_weight: weight of the Jacobian regularizer, a Hutchinson estimate of
+            ||d cell / dz||_F^2 / dim(z) at z* (Bai et al. 2021), added with `add_loss`
+            during training. 0 disables it.
+        jacobian_samples: number of Gaussian probes of the estimate.
+        on_failure: "warn" (default), "raise" or "ignore": the core's policy for
+            solves that miss their tolerance.
+        track_stats: create the solver-statistics metrics (default True).
+    """
+
+    def __init__(
+        self,
+        cell,
+        state_shape=None,
+        solver="anderson",
+        max_iter=40,
+        tol=1e-3,
+        inference_max_iter=None,
+        inference_tol=None,
+        backward="implicit",
+        linear_solver="gmres",
+        backward_max_iter=40,
+        backward_tol=1e-4,
+        phantom_steps=5,
+        phantom_damping=0.5,
+        initial_state="zeros",
+        jacobian_weight=0.0,
+        jacobian_samples=1,
+        on_failure="warn",
+        track_stats=True,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if not isinstance(cell, keras.layers.Layer):
+            raise ValueError(
+                f"`cell` must be a Keras layer called as cell(z, x). Received: cell={cell!r}"
+            )
+        self.cell = cell
+        self.state_shape = _state_spec(state_shape)
+        self.solver = solvers.get(solver, tol=tol, max_iter=max_iter)
+        self.inference_max_iter = _optional(
+            _validation.positive_int, "inference_max_iter", inference_max_iter
+        )
+        self.inference_tol = _optional(
+            _validation.non_negative_float, "inference_tol", inference_tol
+        )
+        self.backward = _validation.one_of("backward", backward, _BACKWARD)
+        self.linear_solver = linalg.get(linear_solver, tol=backward_tol, max_iter=backward_max_iter)
+        self.phantom_steps = _validation.positive_int("phantom_steps", phantom_steps)
+        self.phantom_damping = _validation.float_in_range(
+            "phantom_damping", phantom_damping, 0.0, 1.0, low_open=True
+        )
+        if not (initial_state == "zeros" or callable(initial_state)):
+            raise ValueError(
+                "`initial_state` must be 'zeros' or a callable x -> z0. "
+                f"Received: initial_state={initial_state!r}"
+            )
+        self.initial_state = initial_state
+        self.jacobian_weight = _validation.non_negative_float("jacobian_weight", jacobian_weight)
+        self.jacobian_samples = _validation.positive_int("jacobian_samples", jacobian_samples)
+        self.on_failure = _validation.one_of("on_failure", on_failure, ("warn", "raise", "ignore"))
+        self.track_stats = bool(track_stats)
+        self._stats = {}
+        if self.track_stats:
+            kinds = ["forward_iterations", "forward_residual", "forward_converged"]
+            if self.backward == "implicit":
+                kinds += ["backward_iterations", "backward_residual"]
+            for kind in kinds:
+                self._stats[kind] = keras.metrics.Mean(name=f"{self.name}_{kind}")
+            # tracked as attributes so Keras collects them into Model.metrics / logs
+            self.stat_metrics = list(self._stats.values())
+
+    # ------------------------------------------------------------------ shapes / build
+
+    def _z_shape(self, input_shape):
+        if self.state_shape is not None:
+            return self.state_shape
+        if hasattr(self.cell, "state_shape") and callable(self.cell.state_shape):
+            return tuple(self.cell.state_shape(tuple(input_shape)))
+        return tuple(input_shape[1:])
+
+    def build(self, input_shape):
+        input_shape = tuple(input_shape)
+        z_full = (input_shape[0], *self._z_shape(input_shape))
+        if not self.cell.built:
+            # a symbolic call builds the cell (creating its weights outside any solver loop)
+            out = self.cell(
+                keras.KerasTensor(z_full, dtype=self.compute_dtype),
+                keras.KerasTensor(input_shape, dtype=self.compute_dtype),
+            )
+        else:
+            out = self.cell.compute_output_spec(
+                keras.KerasTensor(z_full, dtype=self.compute_dtype),
+                keras.KerasTensor(input_shape, dtype=self.compute_dtype),
+            )
+        received = tuple(out.shape)[1:]
+        if received != tuple(z_full)[1:]:
+            raise ValueError(
+                f"The cell '{self.cell.name}' must return a tensor shaped like the state z "
+                f"(batch, *{tuple(z_full)[1:]}) for inputs of shape {input_shape}. "
+                f"Received: cell output shape {tuple(out.shape)}"
+            )
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], *self._z_shape(tuple(input_shape)))
+
+    # ------------------------------------------------------------------ the map
+
+    def _map(self):
+        """(inject, step, readout): the cell's protocol, or its plain call on (z, x)."""
+        cell = self.cell
+        readout = getattr(cell, "readout", None) or (lambda z: z)
+        if hasattr(cell, "inject") and hasattr(cell, "step"):
+            return cell.inject, cell.step, readout
+        return (lambda x: x), (lambda z, x: cell(z, x)), readout
+
+    def _initial(self, x, z_shape):
+        if self.initial_state == "zeros":
+            shape = tf.concat([tf.shape(x)[:1], tf.constant(z_shape, tf.int32)], 0)
+            return tf.zeros(shape, x.dtype)
+        z0 = tf.stop_gradient(tf.convert_to_tensor(self.initial_state(x)))
+        return tf.where(tf.math.is_finite(z0), z0, tf.zeros_like(z0))
+
+    def _record(self, kind, value):
+        metric = self._stats.get(kind)
+        if metric is not None:
+            metric.update_state(tf.reduce_mean(tf.cast(value, tf.float32)))
+
+    def _backward_callback(self, stats):
+        # Called by the core while the gradient is computed (also under XLA): a finite
+        # mean over the rows that had a backward solve.
+        residual = tf.where(tf.math.is_finite(stats.residual), stats.residual, 0.0)
+        self._record("backward_iterations", stats.iterations)
+        self._record("backward_residual", residual)
+
+    # ------------------------------------------------------------------ call
+
+    def call(self, x, training=None):
+        x = tf.convert_to_tensor(x)
+        z_shape = self._z_shape(tuple(x.shape))
+        inject, step, readout = self._map()
+        with tf.name_scope("deq"):
+            ok_in = _finite_rows(x)
+            # Bad samples are solved from clean (zero) inputs but start from a NaN state,
+            # so the core sees them as broken rows: reported under its failure policy,
+            # frozen, and given a zero gradient ...
+            context = inject(_where_rows(ok_in, x, tf.zeros_like(x)))
+            nan = tf.constant(float("nan"), x.dtype)
+            z0 = self._initial(x, z_shape)
+            z0 = _where_rows(ok_in, z0, tf.fill(tf.shape(z0), nan))
+            inference = not training
+            max_iter = self.inference_max_iter if inference else None
+            tol = self.inference_tol if inference else None
+            implicit = self.backward == "implicit"
+            z, stats = fixed_point(
+                step,
+                z0,
+                context if implicit else tf.nest.map_structure(tf.stop_gradient, context),
+                solver=self.solver,
+                linear_solver=self.linear_solver,
+                tol=tol,
+                max_iter=max_iter,
+                batch_dims=1,
+                on_failure=self.on_failure,
+                return_stats=True,
+                backward_callback=self._backward_callback if (implicit and training) else None,
+            )
+            self._record("forward_iterations", stats.iterations)
+            self._record(
+                "forward_residual",
+                tf.where(tf.math.is_finite(stats.residual), stats.residual, 0.0),
+            )
+            self._record("forward_converged", stats.converged)
+            # ... and their output rows are zeroed, so they cannot reach the loss as NaN
+            # (tf.where passes a zero gradient to the unselected branch). Under "raise"
+            # the core's NaN rows for non-converged samples are what the user asked for.
+            ok = ok_in if self.on_failure == "raise" else ok_in & _finite_rows(z)
+            z_safe = _where_rows(ok, z, tf.zeros_like(z))
+            if not implicit and training:
+                z_safe = self._phantom(step, tf.stop_gradient(z_safe), context, ok)
+            if training and self.jacobian_weight > 0:
+                self.add_loss(self.jacobian_weight * self._jacobian_penalty(step, z_safe, context))
+            return readout(z_safe)
+
+    def _phantom(self, step, z, context, ok):
+        """k damped unrolled steps from z* (recorded by the tape): the phantom gradient."""
+        with tf.name_scope("phantom"):
+            # the context was computed from cleaned inputs: only z rows can be broken
+            d = self.phantom_damping
+            for _ in range(self.phantom_steps):
+                z = (1.0 - d) * z + d * step(z, context)
+            return _where_rows(ok, z, tf.zeros_like(z))
+
+    def _jacobian_penalty(self, step, z, context):
+        """Hutchinson estimate of ||d step / dz||_F^2 / dim(z) at z (mean over the batch)."""
+        with tf.name_scope("jacobian_penalty"):
+            z = tf.stop_gradient(z)
+            total = 0.0
+            for _ in range(self.jacobian_samples):
+                probe = tf.random.normal(tf.shape(z), dtype=z.dtype)
+                with tf.GradientTape(watch_accessed_variables=False) as tape:
+                    tape.watch(z)
+                    out = step(z, context)
+                vjp = tape.gradient(out, z, output_gradients=probe)
+                total += tf.reduce_mean(
+                    tf.reduce_sum(tf.reshape(vjp, [tf.shape(z)[0], -1]) ** 2, -1)
+                )
+            dim = tf.cast(tf.reduce_prod(tf.shape(z)[1:]), z.dtype)
+            estimate = total / (self.jacobian_samples * dim)
+            return tf.where(tf.math.is_finite(estimate), estimate, tf.zeros_like(estimate))
+
+    # ------------------------------------------------------------------ config
+
+    def get_config(self):
+        initial = self.initial_state
+        if initial != "zeros":
+            initial = keras.saving.serialize_keras_object(initial)
+        return {
+            **super().get_config(),
+            "cell": keras.saving.serialize_keras_object(self.cell),
+            "state_shape": self.state_shape,
+            "solver": keras.saving.serialize_keras_object(self.solver),
+            "max_iter": self.solver.max_iter,
+            "tol": self.solver.tol,
+            "inference_max_iter": self.inference_max_iter,
+            "inference_tol": self.inference_tol,
+            "backward": self.backward,
+            "linear_solver": keras.saving.serialize_keras_object(self.linear_solver),
+            "backward_max_iter": self.linear_solver.max_iter,
+            "backward_tol": self.linear_solver.tol,
+            "phantom_steps": self.phantom_steps,
+            "phantom_damping": self.phantom_damping,
+            "initial_state": initial,
+            "jacobian_weight": self.jacobian_weight,
+            "jacobian_samples": self.jacobian_samples,
+            "on_failure": self.on_failure,
+            "track_stats": self.track_stats,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["cell"] = keras.saving.deserialize_keras_object(config["cell"])
+        if config.get("initial_state", "zeros") != "zeros":
+            config["initial_state"] = keras.saving.deserialize_keras_object(config["initial_state"])
+        return cls(**config)
