@@ -6,6 +6,11 @@ NeurIPS 2021), plus the layers built on them: deep equilibrium models, projectio
 and cones, convex programs, and Lasso hyperparameter search by hypergradients.
 """
 
+from keras_implicit import _cli
+
+if _cli.running_as_cli():  # before TensorFlow loads: its start-up notes are not for the tour
+    _cli.silence_native_stderr()
+
 from keras_implicit import (
     _backend,  # noqa: F401  (must precede any keras import)
     diagnostics,
@@ -17,7 +22,13 @@ from keras_implicit import (
 )
 from keras_implicit._version import __version__
 from keras_implicit.errors import ConvergenceError, ConvergenceWarning
-from keras_implicit.implicit import argmin, custom_fixed_point, custom_root, fixed_point, root
+from keras_implicit.implicit import (
+    argmin,
+    custom_fixed_point,
+    custom_root,
+    fixed_point,
+    root,
+)
 from keras_implicit.solvers import SolverStats
 
 __all__ = [

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 import time
@@ -11,26 +10,10 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
-@contextlib.contextmanager
-def _quiet_stderr():
-    """TensorFlow's C++ start-up notes (CUDA probing) ignore TF_CPP_MIN_LOG_LEVEL."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(devnull)
-        os.close(saved)
+import numpy as np
+import tensorflow as tf
 
-
-with _quiet_stderr():
-    import numpy as np
-    import tensorflow as tf
-
-    import keras_implicit as ki
+import keras_implicit as ki
 
 WIDTH = 72
 
