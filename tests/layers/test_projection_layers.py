@@ -11,14 +11,6 @@ import keras_implicit.ops as ops
 RNG = np.random.default_rng(0)
 
 
-@pytest.fixture(autouse=True, name="_fresh_keras_session")
-def _no_session_reset():
-    """Overrides the root autouse fixture: these tests share no state through Keras'
-    global session (no name-dependent assertions), and `clear_session()` costs
-    ~0.4 s per test plus retracing of every op's graph functions."""
-    yield
-
-
 A_VEC = [1.0, -2.0, 0.5, 0.3]
 
 # (layer factory, input shape without batch, reference op on the same input)

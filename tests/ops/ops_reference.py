@@ -6,7 +6,6 @@ import warnings
 
 import cvxpy as cp
 import numpy as np
-import pytest
 import tensorflow as tf
 
 _CLARABEL = {
@@ -202,17 +201,6 @@ def tf_jvp(fn, args, wrt, tangent):
     with tf.autodiff.ForwardAccumulator(tensors[wrt], tangent) as acc:
         out = fn(*tensors)
     return np.asarray(acc.jvp(out))
-
-
-@pytest.fixture(autouse=True, name="_fresh_keras_session")
-def skip_keras_session_reset():
-    """Overrides the root autouse fixture for the pure-TF op tests (import it by name).
-
-    `keras.backend.clear_session()` costs ~0.4 s and also drops the traced graph
-    functions of the ops, which then retrace in every test; the op tests hold no
-    Keras state, so skipping it keeps these modules several times faster.
-    """
-    yield
 
 
 def exp_polar_violation(d):

@@ -9,7 +9,6 @@ import numpy as np
 import ops_reference as ref
 import pytest
 import tensorflow as tf
-from ops_reference import skip_keras_session_reset  # noqa: F401  (fixture override)
 
 import keras_implicit.ops as ops
 

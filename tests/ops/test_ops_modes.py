@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import run_in_mode
-from ops_reference import skip_keras_session_reset  # noqa: F401  (fixture override)
 
 import keras_implicit.ops as ops
 

@@ -12,7 +12,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-from ops_reference import skip_keras_session_reset  # noqa: F401  (fixture override)
 
 import keras_implicit.ops as ops
 

@@ -11,7 +11,6 @@ import zlib
 import numpy as np
 import ops_reference as ref
 import pytest
-from ops_reference import skip_keras_session_reset  # noqa: F401  (fixture override)
 
 import keras_implicit.ops as ops
 
