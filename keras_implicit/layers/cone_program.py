@@ -42,6 +42,7 @@ from keras_implicit import _validation
 from keras_implicit import implicit as _implicit
 from keras_implicit import ops as kops
 from keras_implicit.layers import _qp_solver as qps
+from keras_implicit.layers.qp import program_output_spec
 
 __all__ = ["ConeProgram", "project_cone", "validate_cone"]
 
@@ -405,12 +406,7 @@ class ConeProgram(keras.layers.Layer):
 
     def compute_output_spec(self, inputs):
         shapes = self.compute_output_shape({k: v.shape for k, v in inputs.items()})
-        single = not (self.return_duals or self.return_status)
-        shapes = [shapes] if single else list(shapes)
-        specs = [keras.KerasTensor(s, dtype=self.compute_dtype) for s in shapes]
-        if self.return_status:
-            specs[-1] = keras.KerasTensor(shapes[-1], dtype="int32")
-        return specs[0] if single else tuple(specs)
+        return program_output_spec(self, shapes)
 
     def get_config(self):
         config = super().get_config()

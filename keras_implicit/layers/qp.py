@@ -229,6 +229,20 @@ def _as_array(name, value):
     return arr
 
 
+def program_output_spec(layer, shapes):
+    """Output specs of a convex-program layer: solution [, duals] [, int32 status].
+
+    `shapes` is what the layer's compute_output_shape returned (one shape, or a tuple
+    when duals or status are returned too).
+    """
+    single = not (layer.return_duals or layer.return_status)
+    shapes = [shapes] if single else list(shapes)
+    specs = [keras.KerasTensor(s, dtype=layer.compute_dtype) for s in shapes]
+    if layer.return_status:
+        specs[-1] = keras.KerasTensor(shapes[-1], dtype="int32")
+    return specs[0] if single else tuple(specs)
+
+
 @keras.saving.register_keras_serializable(package="keras_implicit")
 class QuadraticProgram(keras.layers.Layer):
     """Batched differentiable QP  min 1/2 z^T Q z + q^T z  s.t.  A z = b,  G z <= h.
@@ -448,12 +462,7 @@ class QuadraticProgram(keras.layers.Layer):
 
     def compute_output_spec(self, inputs):
         shapes = self.compute_output_shape({k: v.shape for k, v in self._normalize(inputs).items()})
-        single = not (self.return_duals or self.return_status)
-        shapes = [shapes] if single else list(shapes)
-        specs = [keras.KerasTensor(s, dtype=self.compute_dtype) for s in shapes]
-        if self.return_status:
-            specs[-1] = keras.KerasTensor(shapes[-1], dtype="int32")
-        return specs[0] if single else tuple(specs)
+        return program_output_spec(self, shapes)
 
     def get_config(self):
         config = super().get_config()
