@@ -329,14 +329,7 @@ class Broyden(Solver):
         return {**super().get_config(), "memory": self.memory}
 
     def solve_fixed_point(self, fixed_point_map, z0):
-        with tf.name_scope("broyden"):
-            return broyden_root(
-                lambda z: z - fixed_point_map(z),
-                z0,
-                tol=self.tol,
-                max_iter=self.max_iter,
-                memory=self.memory,
-            )
+        return self.solve_root(lambda z: z - fixed_point_map(z), z0)
 
     def solve_root(self, residual_map, y0):
         with tf.name_scope("broyden"):
