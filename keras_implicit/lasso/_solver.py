@@ -22,6 +22,8 @@ from keras_implicit.lasso import _kernels
 from keras_implicit.lasso._data import DTYPE, Design
 
 MIN_WS_SIZE = 64
+MAX_UNCAPPED_WS = 1024  # see _working_set
+FIRST_WIDTH = 256  # narrowest padded width once p > 64 (one XLA shape fewer)
 SUBPROBLEM_GAP_FRACTION = 0.3  # solve working sets to this fraction of the global gap
 MAX_EPOCHS = 20_000
 MAX_NEWTON = 100
@@ -96,7 +98,14 @@ class Solution:
 def _working_set(scores: np.ndarray, support: np.ndarray, previous: int) -> np.ndarray:
     """Support plus the most violating features, sorted."""
     p = scores.shape[0]
-    size = min(p, max(MIN_WS_SIZE, 2 * int(support.sum()), previous))
+    n_support = int(support.sum())
+    size = max(MIN_WS_SIZE, 2 * n_support, previous)
+    # Doubling a support just above a bucket width would jump to a 4x wider bucket
+    # (e.g. |S| = 516 -> 4096 columns: a new XLA shape and a 16x larger Gram block).
+    # Above MAX_UNCAPPED_WS, stay in the bucket that holds the support with 25%
+    # headroom (below it the doubling rule needs fewer working-set iterations).
+    size = min(size, max(MAX_UNCAPPED_WS, bucket(n_support + n_support // 4 + 1)))
+    size = min(p, max(size, n_support))
     if size >= p:
         return np.arange(p)
     ranked = np.where(support, np.inf, scores)
@@ -235,7 +244,7 @@ def solve_quadratic(
         ws_size = index.size
         if xty is None:
             xty = design.rmatvec(y_tf).numpy() / n
-        width = bucket(index.size)
+        width = bucket(index.size, minimum=min(FIRST_WIDTH, bucket(p)))
         H = np.zeros((width, width))
         H[: index.size, : index.size] = gram_block(design, index)
         H[np.arange(index.size), np.arange(index.size)] += l2

@@ -79,7 +79,8 @@ class _Context:
 
         Order of precedence: a solution passed by the user (``coef=``), a user
         solver callable, then the built-in solver warm-started from the last solution
-        stored under ``key`` in the search state.
+        stored under ``key`` in the search state (or, for a first solve, from the
+        latest solution of any problem in that state, e.g. the previous CV fold).
         """
         data_key = ("data", key)
         data = self.state.get(data_key)
@@ -94,8 +95,16 @@ class _Context:
             self._set_solution(model, data, coef, intercept)
         else:
             start = self.state.get(("solution", key))
+            if start is None:
+                # First solve of this problem (e.g. the next CV fold, or SURE's shifted
+                # problem): the latest solution of a sibling problem is a much better
+                # start than zero (CV folds share most of their samples).
+                latest = self.state.get(("solution", "latest"))
+                if latest is not None and latest[0].shape == (data.design.p,):
+                    start = latest
             model._fit_prepared(data, start)
-            self.state[("solution", key)] = (model.coef_.copy(), model.intercept_)
+            solution = (model.coef_.copy(), model.intercept_)
+            self.state[("solution", key)] = self.state[("solution", "latest")] = solution
         self.info.dual_gaps.append(float(model.dual_gap_))
         self.info.converged.append(bool(model.converged_))
         return data

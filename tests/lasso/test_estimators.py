@@ -195,3 +195,33 @@ def test_constant_target_gives_zero_solution():
         model = L.Lasso(alpha=0.1).fit(X, np.full(X.shape[0], 3.0))
     np.testing.assert_array_equal(model.coef_, 0.0)
     assert model.intercept_ == pytest.approx(3.0)
+
+
+def test_working_set_stays_in_the_bucket_of_the_support():
+    from keras_implicit.lasso import _solver
+
+    p = 20_000
+    scores = np.linspace(0.0, 1.0, p)
+    support = np.zeros(p, bool)
+    support[:600] = True  # doubling would ask for 1200 columns: a 4096-wide bucket
+    index = _solver._working_set(scores, support, previous=0)
+    assert index.size == 1024 and np.all(support[index[:600]])
+    assert np.all(np.isin(np.arange(p - 424, p), index))  # the most violating features
+    support[:900] = True  # no 25% headroom in 1024 columns: grow
+    assert _solver._working_set(scores, support, previous=0).size == 1800
+    support[:100] = True
+    support[100:] = False  # small supports keep the doubling rule
+    assert _solver._working_set(scores, support, previous=0).size == 200
+
+
+def test_capped_working_sets_match_sklearn(monkeypatch):
+    from keras_implicit.lasso import _solver
+
+    monkeypatch.setattr(_solver, "MAX_UNCAPPED_WS", _solver.MIN_WS_SIZE)
+    X, y, _ = ar1_design(150, 400, rho=0.5, k=40, noise=0.5, seed=2)
+    alpha = 0.02 * L.alpha_max(X, y)
+    model = L.Lasso(alpha=alpha, tol=1e-12).fit(X, y)
+    coef, intercept = sklearn_solution(model, X, y)
+    assert np.count_nonzero(coef) > _solver.MIN_WS_SIZE  # the cap is exercised
+    np.testing.assert_allclose(model.coef_, coef, atol=1e-6)
+    assert model.intercept_ == pytest.approx(intercept, abs=1e-6)

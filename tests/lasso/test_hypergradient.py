@@ -244,3 +244,27 @@ def test_crossval_accepts_explicit_splits():
         b = L.hypergradient(model, L.CrossVal(cv=folds), X, y)
     assert a[0] == pytest.approx(b[0])
     np.testing.assert_allclose(a[1], b[1])
+
+
+def test_crossval_folds_warm_start_from_each_other():
+    """A fold's first solve starts from the previous fold's solution (shared state);
+    values and gradients equal those of independent scikit-learn solves."""
+    from keras_implicit.lasso import _solver
+
+    X, y, _ = ar1_design(120, 60, rho=0.5, k=8, seed=5)
+    model = L.Lasso(alpha=0.05 * L.alpha_max(X, y), tol=1e-12)
+    criterion = L.CrossVal("mse", cv=3)
+    starts = []
+    original = _solver.solve_quadratic
+
+    def recording(design, y, alphas, l2, coef0, *args, **kwargs):
+        starts.append(None if coef0 is None else np.array(coef0))
+        return original(design, y, alphas, l2, coef0, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_solver, "solve_quadratic", recording)
+        value, grad = L.hypergradient(model, criterion, X, y)
+    assert starts[0] is None and all(s is not None and np.any(s) for s in starts[1:])
+    sk_value, sk_grad = L.hypergradient(model, criterion, X, y, solver=sklearn_solution)
+    assert value == pytest.approx(sk_value, rel=1e-9)
+    np.testing.assert_allclose(grad, sk_grad, rtol=1e-6)
