@@ -8,7 +8,9 @@
 2. One penalty per feature (WeightedLasso): hundreds of hyperparameters, which only
    a gradient-based oracle can search, starting from the best Lasso penalty.
 
-The figure (best validation MSE so far versus trials) goes to ``--out``.
+The figure (best validation MSE so far versus trials) goes to ``--out``, and the
+hypergradient searches log per-trial TensorBoard scalars (criterion, gradient norm,
+penalties) under ``--out``/tensorboard: ``tensorboard --logdir <out>/tensorboard``.
 
     python examples/tune_lasso.py [--quick] [--out DIR]
 """
@@ -78,7 +80,7 @@ def best_so_far(tuner):
     return np.minimum.accumulate(scores)
 
 
-def run(kind, data, budget, scale, directory, estimator=None, oracle=None):
+def run(kind, data, budget, scale, directory, estimator=None, oracle=None, logdir=None):
     x, y, x_val, y_val = data
     if oracle is None and kind != "Hypergradient":
         oracle = builtin_oracle(kind, budget, scale)
@@ -87,6 +89,7 @@ def run(kind, data, budget, scale, directory, estimator=None, oracle=None):
         oracle=oracle,
         max_trials=budget,
         penalty_range=(LOW, 1.0),
+        tensorboard=None if logdir is None else os.path.join(logdir, kind),
         directory=directory,
         project_name=kind,
         overwrite=True,
@@ -95,7 +98,7 @@ def run(kind, data, budget, scale, directory, estimator=None, oracle=None):
     return tuner
 
 
-def weighted_search(data, alpha, budget, directory):
+def weighted_search(data, alpha, budget, directory, logdir=None):
     """WeightedLasso: one penalty per feature, started at the best Lasso penalty."""
     p = data[0].shape[1]
     names = ki.tuner.penalty_names(ki.lasso.WeightedLasso(), p)
@@ -103,7 +106,14 @@ def weighted_search(data, alpha, budget, directory):
         max_trials=budget, initial_points=[dict.fromkeys(names, alpha)], patience=8
     )
     return run(
-        "WeightedLasso", data, budget, None, directory, ki.lasso.WeightedLasso(tol=1e-6), oracle
+        "WeightedLasso",
+        data,
+        budget,
+        None,
+        directory,
+        ki.lasso.WeightedLasso(tol=1e-6),
+        oracle,
+        logdir=logdir,
     )
 
 
@@ -122,7 +132,8 @@ def main():
     curves = {}
     with tempfile.TemporaryDirectory() as directory:
         for kind in ("Hypergradient", "GridSearch", "RandomSearch", "BayesianOptimization"):
-            tuner = run(kind, data, budget, scale, directory)
+            logdir = str(out / "tensorboard") if kind == "Hypergradient" else None
+            tuner = run(kind, data, budget, scale, directory, logdir=logdir)
             curves[kind] = best_so_far(tuner)
             hits = np.flatnonzero(curves[kind] <= 1.01 * target)
             reached = f"trial {hits[0] + 1}" if hits.size else "not reached"
@@ -133,7 +144,7 @@ def main():
             if kind == "Hypergradient":
                 best_alpha = tuner.get_best_hyperparameters()[0].get("alpha")
                 tuner.results_summary(num_trials=2)
-        weighted = weighted_search(data, best_alpha, budget, directory)
+        weighted = weighted_search(data, best_alpha, budget, directory, str(out / "tensorboard"))
         weighted_curve = best_so_far(weighted)
         print(
             f"\nWeightedLasso ({data[0].shape[1]} penalties): best {weighted_curve[-1]:.4f} "
@@ -172,6 +183,7 @@ def main():
     path = out / "tune_lasso.png"
     figure.savefig(path, dpi=110)
     print(f"figure: {path}")
+    print(f"TensorBoard logs: tensorboard --logdir {out / 'tensorboard'}")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from keras_tuner.engine.base_tuner import BaseTuner
 from keras_implicit import lasso as ki_lasso
 from keras_implicit.tuner.oracle import (
     DEFAULT_OBJECTIVE,
+    MAX_TABLE_ROWS,
     HypergradientOracle,
     gradient_metric,
     summarize_values,
@@ -85,6 +86,16 @@ class LassoTuner(BaseTuner):
         sparse head is fitted on its outputs.
       penalty_range, initial_penalty: bounds and starting value relative to
         ``alpha_max``.
+      tensorboard: per-trial TensorBoard scalars. ``True`` writes them under
+        ``<project_dir>/tensorboard``, a string under that directory; ``None``
+        (default) writes none unless ``search`` gets a
+        ``keras.callbacks.TensorBoard(log_dir)`` callback, whose ``log_dir`` is then
+        used (the usual keras-tuner idiom). Each Tuner (``tuner_id``) writes to its
+        own subdirectory, with the trial number as step: ``val_criterion``,
+        ``best_val_criterion``, ``gradient_norm``, ``n_active`` and, for at most 10
+        penalties, ``penalty/<name>`` and ``hypergradient/<name>``; for more,
+        ``penalty/min``, ``penalty/median``, ``penalty/max`` and a histogram
+        ``penalty/log10``. View with ``tensorboard --logdir <dir>``.
       directory, project_name, overwrite: as every keras-tuner Tuner.
     """
 
@@ -97,6 +108,7 @@ class LassoTuner(BaseTuner):
         feature_extractor=None,
         penalty_range=(1e-4, 1.0),
         initial_penalty=0.1,
+        tensorboard=None,
         directory=None,
         project_name=None,
         overwrite=False,
@@ -120,7 +132,15 @@ class LassoTuner(BaseTuner):
         self.feature_extractor = feature_extractor
         self.penalty_range = (low, high)
         self.initial_penalty = float(initial_penalty)
+        if not (tensorboard is None or isinstance(tensorboard, bool | str | os.PathLike)):
+            raise ValueError(
+                "`tensorboard` must be None, a bool or a directory path. "
+                f"Received: tensorboard={tensorboard!r}"
+            )
+        self.tensorboard = tensorboard
         self._state = {}
+        self._writer = None
+        self._logdir = None
         super().__init__(
             oracle=oracle,
             hypermodel=None,
@@ -135,7 +155,7 @@ class LassoTuner(BaseTuner):
         return isinstance(self.estimator, ki_lasso.SparseLogisticRegression)
 
     # -- search -------------------------------------------------------------------------
-    def search(self, x, y, validation_data=None, cv=None, verbose=1):
+    def search(self, x, y, validation_data=None, cv=None, verbose=1, callbacks=None):
         """Searches the penalties.
 
         Args:
@@ -143,7 +163,11 @@ class LassoTuner(BaseTuner):
           validation_data: ``(x_val, y_val)`` for a held-out criterion.
           cv: number of folds (int >= 2) for a cross-validation criterion instead.
           verbose: keras-tuner's display verbosity.
+          callbacks: optional list holding a ``keras.callbacks.TensorBoard``: the
+            per-trial scalars go to its ``log_dir`` (no Keras training happens, so
+            other callbacks have nothing to observe and are rejected).
         """
+        self._logdir = self._resolve_logdir(callbacks)
         if (validation_data is None) == (cv is None):
             raise ValueError(
                 "LassoTuner.search needs exactly one validation scheme: "
@@ -168,7 +192,71 @@ class LassoTuner(BaseTuner):
             )
         self._declare_space(x, y)
         self._state = {}  # warm starts and converted data belong to this data set
-        super().search(x, y, validation_data=validation_data, cv=cv, verbose=verbose)
+        try:
+            super().search(x, y, validation_data=validation_data, cv=cv, verbose=verbose)
+        finally:
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
+
+    # -- TensorBoard ----------------------------------------------------------------------
+    def _resolve_logdir(self, callbacks):
+        logdir = None
+        for callback in callbacks or []:
+            if not isinstance(callback, keras.callbacks.TensorBoard):
+                raise ValueError(
+                    "LassoTuner.search accepts only keras.callbacks.TensorBoard callbacks "
+                    "(there is no Keras training to observe). "
+                    f"Received: callbacks={callbacks!r}"
+                )
+            logdir = callback.log_dir
+        if logdir is None and self.tensorboard:
+            logdir = (
+                os.path.join(self.project_dir, "tensorboard")
+                if self.tensorboard is True
+                else os.fspath(self.tensorboard)
+            )
+        if logdir is None:
+            return None
+        return os.path.join(logdir, str(self.tuner_id))
+
+    def _log_trial(self, trial, metrics, values):
+        """Writes one trial's scalars (step: the trial number) for TensorBoard."""
+        if self._logdir is None:
+            return
+        import tensorflow as tf
+
+        if self._writer is None:
+            self._writer = tf.summary.create_file_writer(self._logdir)
+        try:
+            step = int(trial.trial_id)
+        except ValueError:
+            step = len(self.oracle.trials)
+        best = [t.score for t in self.oracle.trials.values() if t.score is not None]
+        value = metrics[DEFAULT_OBJECTIVE]
+        scalars = {
+            DEFAULT_OBJECTIVE: value,
+            "best_" + DEFAULT_OBJECTIVE: min([value, *best]),
+            "gradient_norm": metrics["gradient_norm"],
+            "n_active": metrics["n_active"],
+        }
+        histogram = None
+        if len(values) <= MAX_TABLE_ROWS:
+            for name, penalty in values.items():
+                scalars[f"penalty/{name}"] = penalty
+                scalars[gradient_metric(name)] = metrics[gradient_metric(name)]
+        else:
+            array = np.array(list(values.values()), dtype=np.float64)
+            scalars["penalty/min"] = float(array.min())
+            scalars["penalty/median"] = float(np.median(array))
+            scalars["penalty/max"] = float(array.max())
+            histogram = np.log10(array)
+        with self._writer.as_default(step=step):
+            for tag, number in scalars.items():
+                _write_scalar(tag, number, step)
+            if histogram is not None:
+                _write_histogram("penalty/log10", histogram, step)
+        self._writer.flush()
 
     def _features(self, x):
         if self.feature_extractor is None:
@@ -229,8 +317,10 @@ class LassoTuner(BaseTuner):
             "gradient_norm": float(np.linalg.norm(grad)),
             "n_active": float(np.count_nonzero(model.coef_)),
         }
-        for name, g in zip(penalty_names(model, n_features), grad, strict=True):
+        names = penalty_names(model, n_features)
+        for name, g in zip(names, grad, strict=True):
             metrics[gradient_metric(name)] = float(g)
+        self._log_trial(trial, metrics, {name: float(hp.get(name)) for name in names})
         if self.oracle.objective.name != DEFAULT_OBJECTIVE:
             metrics[self.oracle.objective.name] = float(value)
         return metrics
@@ -306,6 +396,39 @@ def trial_summary(trial, objective_name=DEFAULT_OBJECTIVE) -> str:
     if trial.message:
         lines.append(f"  message: {trial.message.strip().splitlines()[-1]}")
     return "\n".join(lines)
+
+
+# tf.summary.scalar / histogram live in the tensorboard package, which TensorFlow does
+# not require: write the same records (TensorBoard's plugin metadata) with TF alone.
+def _metadata(plugin, data_class):
+    from tensorflow.core.framework import summary_pb2
+
+    return summary_pb2.SummaryMetadata(
+        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name=plugin),
+        data_class=data_class,
+    )
+
+
+def _write_scalar(tag, value, step):
+    import tensorflow as tf
+    from tensorflow.core.framework import summary_pb2
+
+    metadata = _metadata("scalars", summary_pb2.DATA_CLASS_SCALAR)
+    tf.summary.write(tag, tf.constant(float(value), tf.float32), step=step, metadata=metadata)
+
+
+def _write_histogram(tag, values, step, bins=30):
+    """TensorBoard's histogram record: a ``(bins, 3)`` tensor of [left, right, count]."""
+    import tensorflow as tf
+    from tensorflow.core.framework import summary_pb2
+
+    low, high = float(np.min(values)), float(np.max(values))
+    if high - low < 1e-12:
+        low, high = low - 0.5, high + 0.5
+    counts, edges = np.histogram(values, bins=bins, range=(low, high))
+    buckets = np.stack([edges[:-1], edges[1:], counts], axis=1).astype(np.float64)
+    metadata = _metadata("histograms", summary_pb2.DATA_CLASS_TENSOR)
+    tf.summary.write(tag, tf.constant(buckets), step=step, metadata=metadata)
 
 
 def _feature_variance(x):

@@ -27,8 +27,9 @@ from keras_tuner.src.engine.trial import TrialStatus
 
 GRADIENT_PREFIX = "hypergradient/"
 DEFAULT_OBJECTIVE = "val_criterion"
-POLICIES = ("line_search", "adam")
-ARMIJO = 1e-4  # sufficient-decrease constant of the line search
+POLICIES = ("quasi_newton", "line_search", "adam")
+ARMIJO = 1e-4  # sufficient-decrease constant of the line searches
+DECADE = math.log(10.0)  # one decade of a hyperparameter, in log units
 MAX_TABLE_ROWS = 10  # above this many hyperparameters the display summarizes them
 
 
@@ -67,16 +68,40 @@ class _CompactDisplay(Display):
 class HypergradientOracle(keras_tuner.Oracle):
     """Proposes each trial by a gradient step from the last completed trial.
 
+    Step policies (all in log space, clipped to the bounds):
+
+    - ``"quasi_newton"`` (default): a trust-region-like quasi-Newton search built to
+      move fast far from the optimum. The first step moves the hyperparameter with
+      the largest gradient by ``first_step`` log units (default one decade) down the
+      gradient. Every accepted trial (sufficient decrease of the objective) adds the
+      secant pair (change of log values, change of gradient) to an L-BFGS memory and
+      the next step is the quasi-Newton step; with one hyperparameter this is the
+      secant method on the derivative, which converges in a few trials. A step may be
+      at most ``max_growth`` times longer than the last accepted one, and when the
+      last pair shows no positive curvature (the gradient kept its sign and grew) the
+      step grows by ``max_growth`` along the gradient instead. Only when the
+      objective increases does it backtrack, to the minimizer of the cubic that
+      matches the objective and its slope at both ends of the rejected step.
+    - ``"line_search"`` (the behavior before ``quasi_newton`` existed; sparse-ho
+      style): a step is kept when the objective decreased enough, else the step
+      shrinks by quadratic interpolation and is tried again; accepted steps adapt
+      by Barzilai-Borwein, within [1/10, 10] times the previous step.
+    - ``"adam"``: Adam on the log hyperparameters, halving the learning rate
+      whenever the objective increases.
+
     Args:
       objective: objective to minimize. Defaults to ``"val_criterion"``.
       max_trials: total number of trials (all chains together).
-      policy: ``"line_search"`` (sparse-ho style: a step is kept when the objective
-        decreased enough, else the step shrinks by quadratic interpolation and is
-        tried again; accepted steps adapt by Barzilai-Borwein) or ``"adam"``.
-      learning_rate: first step of the line search (in log units per unit
-        gradient; default ``1 / ||gradient||``, i.e. a move of length 1 in log
-        space), or the initial Adam learning rate (default 0.2, halved whenever
-        the objective increases).
+      policy: ``"quasi_newton"``, ``"line_search"`` or ``"adam"`` (see above).
+      learning_rate: first step of ``quasi_newton`` and ``line_search`` in log units
+        per unit gradient (for ``quasi_newton`` it replaces ``first_step``; the
+        ``line_search`` default is ``1 / ||gradient||``, i.e. a move of length 1 in
+        log space), or the initial Adam learning rate (default 0.2).
+      first_step: ``quasi_newton`` only: length (largest change of a log
+        hyperparameter) of the first step. Default ``log(10)``: one decade.
+      max_growth: ``quasi_newton`` only: bound on the ratio of a step's length to
+        the last accepted step's length (> 1).
+      memory: ``quasi_newton`` only: number of secant pairs kept (L-BFGS memory).
       patience: stop a chain when its best objective has not improved by more than
         ``tol`` (relative) for this many trials.
       tol: relative improvement counted by ``patience``.
@@ -96,8 +121,11 @@ class HypergradientOracle(keras_tuner.Oracle):
         self,
         objective=DEFAULT_OBJECTIVE,
         max_trials=25,
-        policy="line_search",
+        policy="quasi_newton",
         learning_rate=None,
+        first_step=DECADE,
+        max_growth=3.0,
+        memory=5,
         patience=5,
         tol=1e-4,
         gradient_tol=1e-6,
@@ -114,6 +142,7 @@ class HypergradientOracle(keras_tuner.Oracle):
         _check_settings(
             policy, learning_rate, patience, tol, gradient_tol, max_backtracks, min_step
         )
+        _check_quasi_newton_settings(first_step, max_growth, memory)
         if max_trials is not None and (not isinstance(max_trials, int) or max_trials < 1):
             raise ValueError(
                 "`max_trials` must be a positive integer or None. "
@@ -139,6 +168,9 @@ class HypergradientOracle(keras_tuner.Oracle):
             )
         self.policy = policy
         self.learning_rate = learning_rate
+        self.first_step = float(first_step)
+        self.max_growth = float(max_growth)
+        self.memory = memory
         self.patience = patience
         self.tol = tol
         self.gradient_tol = gradient_tol
@@ -283,6 +315,10 @@ class HypergradientOracle(keras_tuner.Oracle):
             "adam_v": None,
             "adam_t": 0,
             "adam_lr": None,
+            "memory_s": [],  # quasi_newton: secant pairs, oldest first
+            "memory_y": [],
+            "next_theta": None,  # quasi_newton: the point to try next
+            "log_objective": True,  # quasi_newton models log(objective) while > 0
             "pending_id": None,
             "pending_theta": None,
             "stop_reason": None,
@@ -318,6 +354,8 @@ class HypergradientOracle(keras_tuner.Oracle):
         theta = np.asarray(chain["theta"])
         if self.policy == "adam":
             target = theta - self._adam_direction(chain)
+        elif self.policy == "quasi_newton":
+            target = np.asarray(chain["next_theta"])
         else:
             grad = _projected(theta, np.asarray(chain["grad"]), lo, hi)
             target = theta - chain["step"] * grad
@@ -348,6 +386,8 @@ class HypergradientOracle(keras_tuner.Oracle):
             return
         if self.policy == "adam":
             self._adam_update(chain, theta_new, value, grad_new)
+        elif self.policy == "quasi_newton":
+            self._quasi_newton_update(chain, theta_new, value, grad_new)
         elif chain["theta"] is None:
             self._accept(chain, theta_new, value, grad_new, first=True)
         else:
@@ -355,9 +395,14 @@ class HypergradientOracle(keras_tuner.Oracle):
         self._check_gradient(chain)
 
     def _track_progress(self, chain, value):
-        best = chain["best"]
-        if best is None or (np.isfinite(value) and value < best - self.tol * abs(best)):
-            chain["best"] = float(value) if np.isfinite(value) else best
+        # "best": the chain's best value; "reference": the value that later trials must
+        # improve on by more than tol (relative) to reset the patience count.
+        reference = chain.get("reference", chain["best"])
+        if np.isfinite(value) and (chain["best"] is None or value < chain["best"]):
+            chain["best"] = float(value)
+        threshold = None if reference is None else reference - self.tol * abs(reference)
+        if threshold is None or (np.isfinite(value) and value < threshold):
+            chain["reference"] = float(value) if np.isfinite(value) else reference
             chain["stale"] = 0
         else:
             chain["stale"] += 1
@@ -400,7 +445,95 @@ class HypergradientOracle(keras_tuner.Oracle):
     def _consume_failure(self, chain):
         if chain["step"] is not None:
             chain["step"] *= 0.5
+        if self.policy == "quasi_newton" and chain["theta"] is not None:
+            # Retry halfway between the last accepted point and the failed one.
+            theta = np.asarray(chain["theta"])
+            failed = np.asarray(chain["pending_theta"])
+            chain["next_theta"] = [float(t) for t in theta + 0.5 * (failed - theta)]
         self._count_backtrack(chain)
+
+    # -- quasi_newton ------------------------------------------------------------------
+    def _bounds(self):
+        tuned = self._tuned()
+        return np.array([t[1] for t in tuned]), np.array([t[2] for t in tuned])
+
+    def _model(self, chain, value, grad):
+        """The objective modeled by quasi_newton: its logarithm while it is positive
+        (criteria such as a validation MSE vary over orders of magnitude across
+        penalties: secants and interpolations of log values fit them far better)."""
+        if chain.get("log_objective", True) and value > 0.0:
+            return math.log(value), np.asarray(grad) / value
+        if chain.get("log_objective", True) and chain["theta"] is not None:
+            chain["memory_s"], chain["memory_y"] = [], []  # built on the other scale
+        chain["log_objective"] = False
+        return float(value), np.asarray(grad)
+
+    def _quasi_newton_update(self, chain, theta_new, raw_value, raw_grad):
+        lo, hi = self._bounds()
+        value, grad_new = self._model(chain, raw_value, raw_grad)
+        if chain["theta"] is None:
+            self._store_point(chain, theta_new, raw_value, raw_grad)
+            chain["next_theta"] = self._quasi_newton_step(chain, grad_new, lo, hi, None)
+            return
+        theta = np.asarray(chain["theta"])
+        previous, grad = self._model(chain, chain["value"], chain["grad"])
+        s = theta_new - theta
+        slope = float(grad @ s)  # < 0: the step went downhill
+        if value <= previous + ARMIJO * slope:
+            y = grad_new - grad
+            curved = float(s @ y) > 1e-12 * float(np.linalg.norm(s) * np.linalg.norm(y))
+            if curved:
+                chain["memory_s"] = [*chain["memory_s"], [float(v) for v in s]][-self.memory :]
+                chain["memory_y"] = [*chain["memory_y"], [float(v) for v in y]][-self.memory :]
+            end_slope = float(grad_new @ s)
+            self._store_point(chain, theta_new, raw_value, raw_grad)
+            if end_slope > 0.0:
+                # Overshot: the objective decreased but rises again at the end of the
+                # step, so the minimum along it lies inside; interpolate back to it.
+                fraction = _cubic_minimizer(previous, slope, value, end_slope)
+                chain["next_theta"] = [float(t) for t in theta + fraction * s]
+                return
+            radius = self.max_growth * float(np.max(np.abs(s)))
+            chain["next_theta"] = self._quasi_newton_step(chain, grad_new, lo, hi, radius, curved)
+            return
+        # The objective went up: backtrack along the step to the minimizer of the
+        # cubic through the objective and its slope at both ends.
+        fraction = _cubic_minimizer(previous, slope, value, float(grad_new @ s))
+        chain["next_theta"] = [float(t) for t in theta + fraction * s]
+        self._count_backtrack(chain)
+
+    def _store_point(self, chain, theta, value, grad):
+        chain["theta"] = [float(t) for t in theta]
+        chain["value"] = float(value)
+        chain["grad"] = [float(g) for g in grad]
+        chain["backtracks"] = 0
+
+    def _quasi_newton_step(self, chain, grad, lo, hi, radius, curved=False):
+        """Next point from the accepted one (``grad``: the model's gradient there):
+        the L-BFGS step, at most ``radius`` long."""
+        theta = np.asarray(chain["theta"])
+        grad = _projected(theta, grad, lo, hi)
+        blocked = grad == 0.0  # at a bound and pushed out of it (or flat)
+        scale = float(np.max(np.abs(grad)))
+        if scale == 0.0:
+            return [float(t) for t in theta]  # stationary: the min_step test stops it
+        if radius is None:  # first step
+            if self.learning_rate is not None:
+                return [float(t) for t in np.clip(theta - self.learning_rate * grad, lo, hi)]
+            move = -grad * (self.first_step / scale)
+            radius = self.first_step
+        elif curved and chain["memory_s"]:
+            move = -_two_loop(grad, chain["memory_s"], chain["memory_y"])
+            move[blocked] = 0.0
+            if not float(move @ grad) < 0.0:  # not a descent direction: steepest
+                move = -grad * (radius / scale)
+        else:
+            # No positive curvature along the last step: expand along the gradient.
+            move = -grad * (radius / scale)
+        length = float(np.max(np.abs(move)))
+        if length > radius:
+            move *= radius / length
+        return [float(t) for t in np.clip(theta + move, lo, hi)]
 
     def _count_backtrack(self, chain):
         chain["backtracks"] += 1
@@ -449,6 +582,42 @@ def _projected(theta, grad, lo, hi):
     return grad
 
 
+def _two_loop(grad, memory_s, memory_y):
+    """L-BFGS two-loop recursion: approximate inverse Hessian times ``grad``."""
+    pairs = [(np.asarray(s), np.asarray(y)) for s, y in zip(memory_s, memory_y, strict=True)]
+    q = grad.copy()
+    alphas = []
+    for s, y in reversed(pairs):
+        rho = 1.0 / float(y @ s)
+        alpha = rho * float(s @ q)
+        q -= alpha * y
+        alphas.append((rho, alpha))
+    s, y = pairs[-1]
+    q *= float(s @ y) / float(y @ y)
+    for (s, y), (rho, alpha) in zip(pairs, reversed(alphas), strict=True):
+        beta = rho * float(y @ q)
+        q += (alpha - beta) * s
+    return q
+
+
+def _cubic_minimizer(f0, slope0, f1, slope1, low=0.1, high=0.9):
+    """Minimizer in ``[low, high]`` of the cubic with values ``f0, f1`` and slopes
+    ``slope0, slope1`` at 0 and 1 (Nocedal & Wright eq. 3.59); quadratic fallback."""
+    z = slope0 + slope1 - 3.0 * (f1 - f0)
+    discriminant = z * z - slope0 * slope1
+    t = math.nan
+    if discriminant >= 0.0:
+        w = math.sqrt(discriminant)
+        denominator = slope1 - slope0 + 2.0 * w
+        if denominator != 0.0:
+            t = 1.0 - (slope1 + w - z) / denominator
+    if not math.isfinite(t):
+        curvature = f1 - f0 - slope0
+        t = -slope0 / (2.0 * curvature) if curvature > 0 else 0.5
+        high = min(high, 0.5)
+    return float(np.clip(t, low, high)) if math.isfinite(t) else 0.5
+
+
 def _van_der_corput(index):
     fraction, denominator = 0.0, 1.0
     while index:
@@ -456,6 +625,19 @@ def _van_der_corput(index):
         index, bit = divmod(index, 2)
         fraction += bit / denominator
     return fraction
+
+
+def _check_quasi_newton_settings(first_step, max_growth, memory):
+    if not isinstance(first_step, int | float) or not 0 < first_step < math.inf:
+        raise ValueError(
+            f"`first_step` must be a positive number. Received: first_step={first_step!r}"
+        )
+    if not isinstance(max_growth, int | float) or not 1 < max_growth < math.inf:
+        raise ValueError(
+            f"`max_growth` must be a number above 1. Received: max_growth={max_growth!r}"
+        )
+    if not isinstance(memory, int) or isinstance(memory, bool) or memory < 1:
+        raise ValueError(f"`memory` must be a positive integer. Received: memory={memory!r}")
 
 
 def _check_settings(policy, learning_rate, patience, tol, gradient_tol, max_backtracks, min_step):

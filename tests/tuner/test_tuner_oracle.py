@@ -46,8 +46,9 @@ def best_values(tuner):
     return tuner.get_best_hyperparameters()[0].values
 
 
-def test_line_search_descends_to_the_minimizer(tmp_path):
-    oracle = HypergradientOracle(max_trials=25, hyperparameters=toy_space())
+@pytest.mark.parametrize("policy", ["quasi_newton", "line_search"])
+def test_descends_to_the_minimizer(tmp_path, policy):
+    oracle = HypergradientOracle(max_trials=25, policy=policy, hyperparameters=toy_space())
     tuner = make_tuner(tmp_path, oracle)
     tuner.search(verbose=0)
     best = best_values(tuner)
@@ -178,6 +179,9 @@ def test_missing_hypergradient_metric_is_a_clear_error(tmp_path):
         ({"policy": "sgd"}, "policy"),
         ({"learning_rate": -1.0}, "learning_rate"),
         ({"patience": 0}, "patience"),
+        ({"first_step": 0.0}, "first_step"),
+        ({"max_growth": 1.0}, "max_growth"),
+        ({"memory": 0}, "memory"),
         ({"max_trials": 0}, "max_trials"),
         ({"objective": keras_tuner.Objective("acc", "max")}, "minimizes"),
     ],
@@ -193,3 +197,53 @@ def test_summarize_values_is_compact_for_many_values():
     assert rows == {"count": "500", "min": "1", "median": "250.5", "max": "500"}
     few = dict(summarize_values({"alpha": 0.5}))
     assert few == {"alpha": "0.5"}
+
+
+def test_quasi_newton_first_step_is_one_decade_down_the_gradient(tmp_path):
+    oracle = HypergradientOracle(max_trials=2, hyperparameters=toy_space())
+    tuner = make_tuner(tmp_path, oracle)
+    tuner.search(verbose=0)
+    first, second = (oracle.trials[t].hyperparameters.values for t in oracle.start_order)
+    # Gradient at the defaults: a = 5 > 0.3 (positive), b = 0.1 < 20 (negative, 4x
+    # steeper): b moves up by exactly one decade, a down in proportion.
+    grad_a = np.log(5.0 / TARGET["a"])
+    grad_b = 4.0 * np.log(0.1 / TARGET["b"])
+    assert second["b"] == pytest.approx(first["b"] * 10.0, rel=1e-9)
+    expected_a = np.exp(np.log(5.0) - np.log(10.0) * grad_a / abs(grad_b))
+    assert second["a"] == pytest.approx(expected_a, rel=1e-9)
+
+
+class ExpQuadraticTuner(QuadraticTuner):
+    """Objective exp(quadratic in log a): quasi_newton models its logarithm."""
+
+    def run_trial(self, trial, verbose=None):
+        delta = np.log(trial.hyperparameters.get("a")) - np.log(TARGET["a"])
+        value = np.exp(0.5 * delta**2)
+        return {"val_criterion": value, gradient_metric("a"): delta * value}
+
+
+def test_quasi_newton_is_exact_on_a_one_dimensional_log_quadratic(tmp_path):
+    # The secant step on the derivative of log(objective), a quadratic here, lands
+    # on its minimizer.
+    hp = keras_tuner.HyperParameters()
+    hp.Float("a", 1e-3, 10.0, sampling="log", default=5.0)
+    oracle = HypergradientOracle(max_trials=6, hyperparameters=hp)
+    ExpQuadraticTuner(oracle=oracle, directory=str(tmp_path), project_name="exp").search(verbose=0)
+    values = [oracle.trials[t].hyperparameters.get("a") for t in oracle.start_order]
+    # trial 2 is one decade down (5 -> 0.5), not past the minimizer 0.3: the pair of
+    # trials 1-2 gives the secant, exact for a quadratic.
+    assert values[1] == pytest.approx(0.5, rel=1e-9)
+    assert values[2] == pytest.approx(TARGET["a"], rel=1e-9)
+
+
+def test_cubic_minimizer_matches_the_interpolating_cubic():
+    from keras_implicit.tuner.oracle import _cubic_minimizer
+
+    # A cubic with a local minimizer inside (0.1, 0.9): compare with numpy's roots.
+    coefficients = np.array([2.0, -1.0, -0.8, 3.0])  # 2 t^3 - t^2 - 0.8 t + 3
+    poly = np.poly1d(coefficients)
+    slope = poly.deriv()
+    roots = [r.real for r in slope.roots if abs(r.imag) < 1e-12 and poly.deriv(2)(r.real) > 0]
+    (expected,) = roots
+    got = _cubic_minimizer(poly(0.0), slope(0.0), poly(1.0), slope(1.0))
+    assert got == pytest.approx(expected, rel=1e-10)
