@@ -19,15 +19,22 @@ s-update projects onto K with the `keras_implicit.ops` cone projections. We use 
 rather than SCS's homogeneous self-dual embedding because the iterate (x, s, y) is
 the primal-dual solution itself, so the solution map is directly the fixed point of
 one map. Per-row convergence checks (primal/dual residuals), frozen finished rows.
-No infeasibility certificates yet: infeasible or unbounded rows end at max_iter.
+Infeasibility: every `check_interval` steps the iterate differences are tested as
+certificates (COSMO's, the ADMM analogue of SCS's tau -> 0, kappa > 0 rays of the
+homogeneous embedding): dy in K*, A^T dy ~ 0, b^T dy < 0 flags a row primal
+infeasible; -A dx in K, c^T dx < 0 flags it dual infeasible (unbounded). Both
+tests are relative to the size of the difference, with tolerance 1e-5.
 
 Backward: implicit differentiation of that fixed point with `ki.custom_fixed_point`
 (matrix-free GMRES on (I - J^T) u = g, J the Jacobian of the ADMM map, whose cone
-projections contribute their closed-form Jacobians). Rows not converged get a zero
-gradient.
+projections contribute their closed-form Jacobians). Rows whose status is not 0
+(solved) get an exactly zero gradient; the other rows are unaffected.
 
 Outputs: x (B, n); with `return_duals=True` also y (B, m) (the dual, in K*); with
-`return_status=True` also status (B,) int32 (0 solved, 1 max_iter, 4 numerical error).
+`return_status=True` also status (B,) int32, the codes of `QuadraticProgram`:
+0 solved, 1 max_iter, 2 primal infeasible, 3 dual infeasible (unbounded),
+4 numerical error (`ConeProgram.STATUS_NAMES`). Rows not solved hold the last
+iterate: mask them with the status.
 """
 
 from __future__ import annotations
@@ -47,6 +54,14 @@ from keras_implicit.layers.qp import program_output_spec
 __all__ = ["ConeProgram", "project_cone", "validate_cone"]
 
 _KEYS = ("z", "l", "q", "s", "ep")
+INFEASIBLE_TOL = 1e-5  # relative tolerance of the infeasibility certificates
+# the per-row status codes, shared with QuadraticProgram
+STATUS_NAMES = {
+    k: v
+    for k, v in qps.STATUS_NAMES.items()
+    if k
+    in (qps.SOLVED, qps.MAX_ITER, qps.PRIMAL_INFEASIBLE, qps.DUAL_INFEASIBLE, qps.NUMERICAL_ERROR)
+}
 
 
 # ------------------------------------------------------------------ cone spec
@@ -177,6 +192,31 @@ def _admm_step(state, c, A, b, cone, rho, sigma, alpha, inv):
     return x_new, s_new, y_new
 
 
+def _infeasibility(c, A, b, cone, dx, dy, eps):
+    """Per-row certificates from ADMM iterate differences (COSMO, Garstka et al. 2021).
+
+    The ADMM iterates of an infeasible problem diverge linearly; their differences
+    converge to certificates (scaled arbitrarily, so every test is relative):
+      primal infeasible: dy in K*, A^T dy = 0, b^T dy < 0 (dy: conic dual sign);
+      dual infeasible (unbounded): -A dx in K, c^T dx < 0.
+    K* membership is dist(dy, K*) = ||P_K(-dy)|| (Moreau; the zero cone's dual is
+    free, and P_K zeroes that block).
+    """
+    ny = qps._inf_norm(dy)
+    dist_dual = qps._inf_norm(project_cone(-dy, cone))
+    p_inf = (
+        (ny > eps)
+        & (qps._inf_norm(tf.linalg.matvec(A, dy, transpose_a=True)) <= eps * ny)
+        & (tf.reduce_sum(b * dy, -1) <= -eps * ny)
+        & (dist_dual <= eps * ny)
+    )
+    nx = qps._inf_norm(dx)
+    u = -tf.linalg.matvec(A, dx)
+    dist_primal = qps._inf_norm(u - project_cone(u, cone))
+    d_inf = (nx > eps) & (tf.reduce_sum(c * dx, -1) <= -eps * nx) & (dist_primal <= eps * nx)
+    return p_inf, d_inf
+
+
 def _solve(c, A, b, cone, settings, batch):
     """Runs ADMM in chunks with per-row convergence; returns state, status, iterations."""
     dtype = c.dtype
@@ -184,6 +224,7 @@ def _solve(c, A, b, cone, settings, batch):
     sigma = tf.constant(settings["sigma"], dtype)
     alpha = tf.constant(settings["alpha"], dtype)
     eps = tf.constant(settings["tol"], dtype)
+    eps_inf = tf.constant(settings.get("infeasible_tol", INFEASIBLE_TOL), dtype)
     inv = _inverse(A, rho, sigma)
     n, m = tf.shape(c)[-1], tf.shape(b)[-1]
     x, s, y = tf.zeros([batch, n], dtype), tf.zeros([batch, m], dtype), tf.zeros([batch, m], dtype)
@@ -211,7 +252,24 @@ def _solve(c, A, b, cone, settings, batch):
             & (gap <= eps * (1 + tf.abs(tf.reduce_sum(c * xn, -1))))
         )
         finite = tf.math.is_finite(r_prim) & tf.math.is_finite(r_dual)
-        new = tf.where(~finite, qps.NUMERICAL_ERROR, tf.where(done, qps.SOLVED, qps.MAX_ITER))
+        # certificates from the iterate differences over this chunk (not checked on
+        # the first chunk, whose differences are from the zero start)
+        p_inf, d_inf = _infeasibility(c, A, b, cone, xn - x, -(yn - y), eps_inf)
+        p_inf &= k > 0
+        d_inf &= k > 0
+        new = tf.where(
+            ~finite,
+            qps.NUMERICAL_ERROR,
+            tf.where(
+                done,
+                qps.SOLVED,
+                tf.where(
+                    p_inf,
+                    qps.PRIMAL_INFEASIBLE,
+                    tf.where(d_inf, qps.DUAL_INFEASIBLE, qps.MAX_ITER),
+                ),
+            ),
+        )
         status = tf.where(active, new, status)
         iters = tf.where(active, iters + interval, iters)
         a2 = active[:, None]
@@ -284,9 +342,14 @@ class ConeProgram(keras.layers.Layer):
       tol, max_iter, rho, sigma, alpha, check_interval: ADMM settings.
       backward_tol, backward_max_iter: the GMRES solve of the implicit gradient.
 
+    STATUS_NAMES: status code -> name (0 solved, 1 max_iter, 2 primal_infeasible,
+      3 dual_infeasible, 4 numerical_error), as for QuadraticProgram.
+
     Call: a dict with "c" (B, n) and, unless held by the layer, "A" (B, m, n) and
     "b" (B, m); m must equal the cone dimension.
     """
+
+    STATUS_NAMES = STATUS_NAMES
 
     def __init__(
         self,

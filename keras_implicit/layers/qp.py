@@ -23,8 +23,18 @@ SOLVED get a zero gradient; the others are unaffected.
 Outputs: z (B, n); with `return_duals=True` also nu (B, p) (equality duals) and
 lam (B, m) (inequality duals, >= 0); with `return_status=True` also status (B,)
 int32: 0 solved, 1 max_iter, 2 primal infeasible, 3 dual infeasible (unbounded),
-4 numerical error (non-finite input or iterate). Rows not solved hold the last
-iterate (NaN for non-finite inputs): mask them with the status.
+4 numerical error (non-finite input or iterate), 5 non_convex (Q not PSD).
+Rows not solved hold the last iterate (NaN for non-finite inputs and non-convex
+rows): mask them with the status.
+
+PSD check on Q: an array Q given at construction (constant or trainable) is checked
+there, and a non-PSD one raises a ValueError quoting the minimum eigenvalue of
+(Q + Q^T)/2. A batched input Q, and a trainable Q (which training may move out of
+the cone), are checked per row at every call: a row whose symmetric part has an
+eigenvalue below -tol * max(1, max |eigenvalue|) (tol 1e-8 in float64, 1e-5
+otherwise) is not solved, gets status 5 (non_convex), NaN outputs and a zero
+gradient, and is reported under `on_failure` ("warn" / "raise" / "ignore") like any
+other unsolved row; the other rows are unaffected.
 """
 
 from __future__ import annotations
@@ -53,7 +63,9 @@ _DIMS = {
     "G": ("m", "n"),
     "h": ("m",),
 }
+NOT_CONVEX = 5  # Q (a batched input or a trained weight) is not PSD
 STATUS_NAMES = dict(qps.STATUS_NAMES)
+STATUS_NAMES[NOT_CONVEX] = "non_convex"
 
 
 # ------------------------------------------------------------------ functional core
@@ -82,11 +94,47 @@ def _rows_finite(t, batched):
     return tf.reduce_all(tf.math.is_finite(t), axis=axes) if axes else tf.math.is_finite(t)
 
 
-def solve_qp(params: dict, batched: dict, settings: qps.Settings):
+def psd_tolerance(dtype) -> float:
+    """Relative tolerance of the PSD check: min eig >= -tol * max(1, max |eig|)."""
+    return 1e-8 if tf.as_dtype(dtype) == tf.float64 else 1e-5
+
+
+def psd_rows(Q):
+    """Per row (B,) bool: is the symmetric part of Q (B, n, n) PSD (within tolerance)."""
+    eig = tf.linalg.eigvalsh(qps.symmetrize(Q))
+    # the appended 0 / 1 keep n = 0 (empty Q) well defined
+    pad = tf.zeros(tf.concat([tf.shape(eig)[:-1], [1]], 0), Q.dtype)
+    scale = tf.maximum(tf.reduce_max(tf.abs(tf.concat([eig, pad], -1)), axis=-1), 1.0)
+    smallest = tf.reduce_min(tf.concat([eig, pad], -1), -1)
+    return smallest >= -psd_tolerance(Q.dtype) * scale
+
+
+def check_psd_array(Q):
+    """Raises a ValueError quoting the minimum eigenvalue if `Q`'s symmetric part is not PSD."""
+    arr = np.asarray(Q, dtype="float64")
+    if arr.size == 0:
+        return
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"`Q` must be finite. Received: Q={np.asarray(Q)!r}")
+    eig = np.linalg.eigvalsh(0.5 * (arr + arr.T))
+    tol = psd_tolerance("float64" if np.asarray(Q).dtype == np.float64 else "float32")
+    bound = tol * max(1.0, float(np.abs(eig).max()))
+    if eig.min() < -bound:
+        raise ValueError(
+            "`Q` must be symmetric positive semidefinite (only then is the QP convex); "
+            f"the minimum eigenvalue of its symmetric part (Q + Q^T)/2 is {eig.min():.6g} "
+            f"(tolerance {-bound:.3g}). Received: Q with eigenvalues in "
+            f"[{eig.min():.6g}, {eig.max():.6g}]"
+        )
+
+
+def solve_qp(params: dict, batched: dict, settings: qps.Settings, check_psd=None):
     """Solves the batch of QPs; differentiable w.r.t. every floating tensor in `params`.
 
     params: name -> tensor for all six names (absent ones as zero-size/zero tensors).
     batched: name -> bool (True if the tensor has the leading batch axis).
+    check_psd: test Q's PSD-ness per row (status 5 "non_convex" where it fails);
+      default: when Q is batched.
     Returns x, nu, lam, status, iterations.
     """
     with tf.name_scope("quadratic_program"):
@@ -112,6 +160,15 @@ def solve_qp(params: dict, batched: dict, settings: qps.Settings):
         ok3, ok2 = ok_in[:, None, None], ok_in[:, None]
         n = tf.shape(q)[-1]
         Q = tf.where(ok3, Q, tf.eye(n, batch_shape=[B], dtype=dtype))
+        # rows whose Q is not PSD (a nonconvex QP) are treated the same way
+        convex = tf.ones([B], tf.bool)
+        if check_psd is None:
+            check_psd = batched["Q"]
+        if check_psd:
+            convex = psd_rows(Q)
+            ok_in &= convex
+            ok3, ok2 = ok_in[:, None, None], ok_in[:, None]
+            Q = tf.where(ok3, Q, tf.eye(n, batch_shape=[B], dtype=dtype))
         q, b, h = (tf.where(ok2, t, tf.zeros_like(t)) for t in (q, b, h))
         A, G = (tf.where(ok3, t, tf.zeros_like(t)) for t in (A, G))
 
@@ -124,7 +181,7 @@ def solve_qp(params: dict, batched: dict, settings: qps.Settings):
             tf.concat([tf.ones([p], tf.bool), tf.zeros([m_in], tf.bool)], axis=0), [B, p + m_in]
         )
         x, y, status, iters = qps.admm(P, q, C, lower, upper, is_eq, settings)
-        status = tf.where(ok_in, status, qps.NUMERICAL_ERROR)
+        status = tf.where(ok_in, status, tf.where(convex, qps.NUMERICAL_ERROR, NOT_CONVEX))
         nan = tf.constant(np.nan, dtype)
         x = tf.where(ok2, x, nan)
         y = tf.where(ok2, y, nan)
@@ -301,6 +358,8 @@ class QuadraticProgram(keras.layers.Layer):
         super().__init__(**kwargs)
         given = {"Q": Q, "q": q, "A": A, "b": b, "G": G, "h": h}
         self._arrays = {k: _as_array(k, v) for k, v in given.items() if v is not None}
+        if "Q" in self._arrays:
+            check_psd_array(self._arrays["Q"])
         if isinstance(trainable_params, str):
             trainable_params = (trainable_params,)
         trainable_params = tuple(trainable_params or ())
@@ -440,7 +499,8 @@ class QuadraticProgram(keras.layers.Layer):
         self._sizes({k: v.shape for k, v in inputs.items()})  # shape checks with values
         dtype = tf.as_dtype(self.compute_dtype)
         params, batched = self._param_tensors(inputs, dtype)
-        x, nu, lam, status, _ = solve_qp(params, batched, self.settings)
+        check = batched["Q"] or "Q" in self.trainable_params
+        x, nu, lam, status, _ = solve_qp(params, batched, self.settings, check_psd=check)
         x = _report(x, status, self.on_failure)
         out = [x]
         if self.return_duals:

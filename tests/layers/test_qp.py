@@ -302,3 +302,45 @@ def test_config_round_trip():
     layer = ki.layers.QuadraticProgram(Q=np.eye(2), trainable=("Q",), tol=1e-7, return_status=True)
     clone = ki.layers.QuadraticProgram.from_config(layer.get_config())
     assert clone.get_config() == layer.get_config()
+
+
+def test_non_psd_constant_q_is_rejected_quoting_min_eigenvalue():
+    Q = np.array([[2.0, 0.0, 0.0], [0.0, 1.0, 3.0], [0.0, 3.0, 1.0]])  # eigenvalues -2, 2, 4
+    with pytest.raises(ValueError, match=r"minimum eigenvalue .* is -2\b"):
+        ki.layers.QuadraticProgram(Q=Q)
+    with pytest.raises(ValueError, match=r"is -2\b"):
+        ki.layers.QuadraticProgram(Q=Q, trainable=("Q",))
+    # the symmetric part is what counts: a skew part does not make Q indefinite
+    ki.layers.QuadraticProgram(Q=np.eye(2) + np.array([[0.0, 5.0], [-5.0, 0.0]]))
+    # PSD but singular (rank one) is accepted, roundoff-level negative eigenvalues too
+    v = np.random.default_rng(0).standard_normal(4)
+    ki.layers.QuadraticProgram(Q=np.outer(v, v) - 1e-12 * np.eye(4))
+
+
+def test_non_psd_batched_q_rows_get_status_and_zero_gradient():
+    rng = np.random.default_rng(7)
+    d = random_qp(rng, 4, n=5, m=4, p=2)
+    d["Q"][1] -= 3.0 * np.eye(5)  # min eigenvalue < 0 for row 1
+    d["Q"][1] = 0.5 * (d["Q"][1] + d["Q"][1].T)
+    assert np.linalg.eigvalsh(d["Q"][1]).min() < -1.0
+    layer = ki.layers.QuadraticProgram(
+        return_status=True, on_failure="ignore", tol=1e-9, dtype="float64"
+    )
+    params = {k: tf.constant(v) for k, v in d.items()}
+    with tf.GradientTape() as tape:
+        tape.watch(params)
+        x, status = tf.function(layer)(params)
+        loss = tf.reduce_sum(tf.where(tf.math.is_finite(x), x, 0.0) ** 2)
+    grads = tape.gradient(loss, params)
+    assert status.numpy().tolist() == [0, 5, 0, 0]
+    assert ki.layers.QuadraticProgram.STATUS_NAMES[5] == "non_convex"
+    assert np.all(np.isnan(x.numpy()[1]))
+    for k in NAMES:
+        g = grads[k].numpy()
+        assert np.all(np.isfinite(g)) and np.all(g[1] == 0.0)
+    for i in (0, 2, 3):
+        ref, _, _ = cvxpy_solve(d, i)
+        np.testing.assert_allclose(x.numpy()[i], ref, atol=1e-6)
+    # under the failure policy the non-convex row is an error / a warning
+    with pytest.raises(ki.errors.ConvergenceError, match="non_convex"):
+        ki.layers.QuadraticProgram(on_failure="raise", dtype="float64", max_iter=50)(params)
