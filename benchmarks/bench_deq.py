@@ -18,7 +18,12 @@ Peer, when installed: torchdeq (PyTorch CPU, eager), fixed-point iteration forwa
 Reported: median training-step time and peak memory (BFC allocator statistics),
 and ratios against the unrolled network and against torchdeq.
 
-    python benchmarks/bench_deq.py [--quick]
+Both frameworks get the same number of CPU threads (`--threads`, default 1): with
+more threads than idle cores PyTorch's spinning workers slow it down many times
+(measured: 17 ms per torchdeq step on one thread, 54 ms on two threads while another
+process used a core), which is what made an earlier round's torchdeq numbers useless.
+
+    python benchmarks/bench_deq.py [--quick] [--threads N]
 
 Writes benchmarks/results/deq.json and deq.md (deq_quick.* with --quick).
 """
@@ -44,6 +49,7 @@ from keras_implicit import layers
 
 RESULTS = pathlib.Path(__file__).with_name("results")
 BACKWARD_TOL = 1e-5
+THREADS = {"n": 1}  # CPU threads for both frameworks, set by --threads
 
 
 class TanhCell(keras.layers.Layer):
@@ -159,7 +165,7 @@ def torchdeq_step(problem, n):
         from torchdeq import get_deq
     except ImportError:
         return None
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(THREADS["n"])
     w = torch.nn.Parameter(torch.from_numpy(problem["w"]))
     u = torch.nn.Parameter(torch.from_numpy(problem["u"]))
     b = torch.nn.Parameter(torch.zeros(problem["w"].shape[0]))
@@ -204,7 +210,12 @@ METHODS = (
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads per framework")
     args = parser.parse_args(argv)
+    THREADS["n"] = args.threads
+    # before the TF runtime starts (nothing has run yet)
+    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    tf.config.threading.set_inter_op_parallelism_threads(args.threads)
     batch, width, features = (32, 32, 16) if args.quick else (128, 256, 64)
     counts = (10, 30) if args.quick else (10, 30, 100)
     repeats = 3 if args.quick else 10
@@ -283,7 +294,8 @@ def main(argv=None):
     lines = [
         f"# DEQ training-step benchmark (batch {batch}, width {width}, float32, CPU)",
         "",
-        "TensorFlow steps are XLA-compiled; torchdeq runs eagerly (PyTorch CPU).",
+        f"TensorFlow steps are XLA-compiled; torchdeq runs eagerly (PyTorch CPU); "
+        f"{THREADS['n']} CPU thread(s) each.",
         "",
         "| method | N | step (ms) | peak memory (MiB) |",
         "| --- | ---: | ---: | ---: |",
