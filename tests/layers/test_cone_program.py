@@ -61,10 +61,8 @@ def random_cone_program(cone, batch, n, rng):
     return cone, c, A, b
 
 
-def cvxpy_solution(cone, c, A, b):
-    n = c.shape[0]
-    x = cp.Variable(n)
-    s = b - A @ x
+def cvxpy_cone_constraints(s, cone):
+    """cvxpy constraints s in K for an SCS-style cone dict (PSD blocks scaled svec)."""
     cons, i = [], 0
     if cone["z"]:
         cons.append(s[i : i + cone["z"]] == 0)
@@ -85,6 +83,14 @@ def cvxpy_solution(cone, c, A, b):
     for _ in range(cone["ep"]):
         cons.append(cp.ExpCone(s[i], s[i + 1], s[i + 2]))
         i += 3
+    return cons
+
+
+def cvxpy_solution(cone, c, A, b):
+    n = c.shape[0]
+    x = cp.Variable(n)
+    s = b - A @ x
+    cons = cvxpy_cone_constraints(s, cone)
     prob = cp.Problem(cp.Minimize(c @ x), cons)
     prob.solve(solver="CLARABEL", tol_gap_abs=1e-10, tol_gap_rel=1e-10, tol_feas=1e-10)
     assert prob.status == "optimal"
@@ -401,26 +407,7 @@ def cvxpy_problem(cone, n, m):
     c, A, b = cp.Parameter(n), cp.Parameter((m, n)), cp.Parameter(m)
     x = cp.Variable(n)
     s = b - A @ x
-    cons, i = [], 0
-    if cone["z"]:
-        cons.append(s[i : i + cone["z"]] == 0)
-        i += cone["z"]
-    if cone["l"]:
-        cons.append(s[i : i + cone["l"]] >= 0)
-        i += cone["l"]
-    for d in cone["q"]:
-        cons.append(cp.SOC(s[i], s[i + 1 : i + d]))
-        i += d
-    for k in cone["s"]:
-        S = cp.Variable((k, k), symmetric=True)
-        cons.append(S >> 0)
-        for t, (r, cc) in enumerate(zip(*_tril_indices(k))):
-            scale = 1.0 if r == cc else math.sqrt(2.0)
-            cons.append(s[i + t] == scale * S[r, cc])
-        i += k * (k + 1) // 2
-    for _ in range(cone["ep"]):
-        cons.append(cp.ExpCone(s[i], s[i + 1], s[i + 2]))
-        i += 3
+    cons = cvxpy_cone_constraints(s, cone)
     prob = cp.Problem(cp.Minimize(c @ x), cons)
 
     def solve(cv, Av, bv):
