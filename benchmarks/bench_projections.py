@@ -162,7 +162,12 @@ def jax_amortized(name, k):
 # --------------------------------------------------------------------------- timing
 
 
-def time_calls(call, x, repeats, warmup=3):
+def time_calls(call, x, repeats, warmup=3, budget_s=15.0):
+    """Median and fastest of `repeats` warm calls, fewer (at least 3) past `budget_s`.
+
+    The budget keeps the slow peers (jaxopt's simplex takes ~0.4 s per call, 8 s per
+    amortized call) from stretching the run to tens of minutes.
+    """
     for _ in range(warmup):
         call(x)
     times = []
@@ -170,6 +175,8 @@ def time_calls(call, x, repeats, warmup=3):
         start = time.perf_counter()
         call(x)
         times.append(time.perf_counter() - start)
+        if len(times) >= 3 and sum(times) > budget_s:
+            break
     return statistics.median(times), min(times)
 
 

@@ -30,7 +30,7 @@ def _soc_core(x):
     x = tf.stop_gradient(x)
     t = x[..., :1]
     v = x[..., 1:]
-    s = tf.norm(v, axis=-1, keepdims=True)
+    s = tf.sqrt(c.sum_last(tf.square(v)))
     polar = s <= -t  # includes the apex 0 and the polar cone's boundary
     interior = tf.logical_and(s < t, tf.logical_not(polar))
     # Off the boundary branch s can be 0; the safe norm keeps those (unselected)
@@ -45,7 +45,7 @@ def _soc_core(x):
     def grad(g):
         gt = g[..., :1]
         gv = g[..., 1:]
-        ug = tf.reduce_sum(u * gv, axis=-1, keepdims=True)
+        ug = c.sum_last(u * gv)
         ratio = t / s_safe
         out_t = 0.5 * (gt + ug)
         out_v = 0.5 * gt * u + 0.5 * (1.0 + ratio) * gv - 0.5 * ratio * ug * u

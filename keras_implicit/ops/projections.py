@@ -121,7 +121,7 @@ def projection_l2_ball(x, radius=1.0):
         x = c.as_float_tensor(x)
         c.require_rank(x, 1)
         r = c.per_vector(c.as_param(radius, x.dtype, "radius", c.non_negative), x)
-        sq = tf.reduce_sum(tf.square(x), axis=-1, keepdims=True)  # one pass over x
+        sq = c.sum_last(tf.square(x))  # one pass over x
         inside = sq < tf.square(r)
         # The clamp keeps the unused branch finite so its (masked) gradient is 0, not
         # NaN. Testing `inside` (not `outside`) lets a NaN row fall in the NaN branch.
@@ -148,19 +148,19 @@ def projection_l2_sphere(x, radius=1.0):
         x = c.as_float_tensor(x)
         c.require_rank(x, 1)
         r = c.per_vector(c.as_param(radius, x.dtype, "radius", c.non_negative), x)
-        sq = tf.reduce_sum(tf.square(x), axis=-1, keepdims=True)
+        sq = c.sum_last(tf.square(x))
         e1 = tf.one_hot(0, tf.shape(x)[-1], dtype=x.dtype)
         direction = tf.where(tf.equal(sq, 0), e1, x / c.safe_norm(x))  # NaN stays NaN
         return r * direction
 
 
 def _dot(a, b):
-    return tf.reduce_sum(a * b, axis=-1, keepdims=True)
+    return c.sum_last(a * b)
 
 
 def _safe_sq_norm(a):
     """||a||^2, and a safe divisor that is 1 where a == 0 (the op then returns x)."""
-    sq = tf.reduce_sum(tf.square(a), axis=-1, keepdims=True)
+    sq = c.sum_last(tf.square(a))
     return sq, tf.where(sq > 0, sq, tf.ones_like(sq))
 
 

@@ -121,6 +121,6 @@ def prox_group_lasso(x, l2reg=1.0, scaling=1.0):
         x = c.as_float_tensor(x)
         c.require_rank(x, 1)
         lam = c.per_vector(_strength(l2reg, x, "l2reg") * _strength(scaling, x, "scaling"), x)
-        killed = tf.norm(x, axis=-1, keepdims=True) <= lam
+        killed = tf.sqrt(c.sum_last(tf.square(x))) <= lam
         factor = tf.where(killed, tf.zeros_like(lam), 1.0 - lam / c.safe_norm(x))
         return factor * x

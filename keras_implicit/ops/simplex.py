@@ -44,14 +44,14 @@ def _threshold_newton(x, value, max_iter):
     # Both are lower bounds of tau: f(max(x) - s) >= 0 and f(mean(x) - s/n) >= 0.
     tau0 = tf.maximum(
         tf.reduce_max(x, axis=-1, keepdims=True) - value,
-        (tf.reduce_sum(x, axis=-1, keepdims=True) - value) / n,
+        (c.sum_last(x) - value) / n,
     )
     count0 = tf.fill(tf.shape(tau0), tf.constant(-1, x.dtype))
 
     def body(i, tau, count, _):
         active = x > tau
-        new_count = tf.reduce_sum(tf.cast(active, x.dtype), axis=-1, keepdims=True)
-        total = tf.reduce_sum(tf.where(active, x, tf.zeros_like(x)), axis=-1, keepdims=True)
+        new_count = c.sum_last(tf.cast(active, x.dtype))
+        total = c.sum_last(tf.where(active, x, tf.zeros_like(x)))
         # An empty support only happens for value == 0 (tau0 = max(x)); keep tau there.
         new_tau = tf.where(new_count > 0, (total - value) / tf.maximum(new_count, 1), tau)
         # Same support twice in a row => tau is the exact root. Non-finite rows
@@ -65,7 +65,7 @@ def _threshold_newton(x, value, max_iter):
     _, tau, count, _ = tf.while_loop(cond, body, (tf.constant(0), tau0, count0, tf.constant(False)))
     # `count` is from the last pass; convergence means the final tau's support
     # equals it.
-    final_count = tf.reduce_sum(tf.cast(x > tau, x.dtype), axis=-1, keepdims=True)
+    final_count = c.sum_last(tf.cast(x > tau, x.dtype))
     converged = tf.logical_or(
         tf.logical_or(tf.equal(final_count, count), tf.equal(count, 0)),
         tf.logical_not(tf.math.is_finite(tau)),
@@ -93,8 +93,8 @@ def _simplex_threshold(x, value, max_newton_iter=None):
 def _support_vjp(g, support):
     """VJP of y = max(x - tau, 0) through tau: (gx, gvalue) on the support."""
     s = tf.cast(support, g.dtype)
-    size = tf.maximum(tf.reduce_sum(s, axis=-1, keepdims=True), 1)
-    mean = tf.reduce_sum(g * s, axis=-1, keepdims=True) / size
+    size = tf.maximum(c.sum_last(s), 1)
+    mean = c.sum_last(g * s) / size
     return s * (g - mean), mean
 
 
@@ -172,7 +172,7 @@ def _l1_ball_core(x, radius):
     radius = tf.stop_gradient(radius)
     signs = _signs(x)
     ax = tf.abs(x)
-    inside = tf.reduce_sum(ax, axis=-1, keepdims=True) < radius
+    inside = c.sum_last(ax) < radius
     tau = _simplex_threshold(ax, radius)
     w = tf.nn.relu(ax - tau)
     y = tf.where(inside, x, signs * w)

@@ -186,3 +186,25 @@ def test_bad_arguments_raise_value_error_quoting_value(call, match):
 def test_integer_tensor_rejected():
     with pytest.raises(TypeError, match=r"Received: x.dtype=int32"):
         ops.projection_simplex(tf.constant([1, 2, 3]))
+
+
+@pytest.mark.parametrize("shape", [(7,), (5, 7), (2, 3, 7), (4, 0)])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_last_axis_sum_matches_numpy(shape, dtype, mode, rng):
+    # The norm-based ops sum the last axis as a product with ones (faster under XLA
+    # on CPU); it must equal the plain sum for every rank, dtype and mode, including
+    # shapes only known at run time, and differentiate to a broadcast of ones.
+    from keras_implicit.ops import _common
+
+    x = tf.constant(rng.normal(size=shape).astype(dtype))
+    summed = _common.sum_last
+    if mode != "eager":
+        spec = tf.TensorSpec([None] * len(shape), dtype)
+        summed = tf.function(summed, input_signature=[spec], jit_compile=mode == "xla")
+    np.testing.assert_allclose(
+        summed(x).numpy(), x.numpy().sum(-1, keepdims=True), rtol=1e-6, atol=1e-6
+    )
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        total = tf.reduce_sum(_common.sum_last(x))
+    np.testing.assert_array_equal(tape.gradient(total, x).numpy(), np.ones(shape))
