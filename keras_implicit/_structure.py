@@ -129,9 +129,33 @@ class Packer:
         return tf.reshape(value, self._batch_shape)
 
 
+_MATMUL_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
+
+
+def row_sum(x: tf.Tensor, keepdims: bool = False) -> tf.Tensor:
+    """Sum over the last axis, [..., D] -> [...] (or [..., 1] with `keepdims`).
+
+    Computed as the product with a column of ones: XLA's CPU emitter for a row
+    reduction is about 3.5x slower than its matrix-vector kernel (1024 x 1000 float32:
+    0.76 vs 0.21 ms per call in a compiled loop, where jax's reduction takes 0.25 ms).
+    The product accumulates in `x.dtype` like the reduction and differentiates to a
+    broadcast. Rank-1, unknown-rank and non-float inputs use `reduce_sum`.
+    """
+    rank = x.shape.rank
+    if rank is None or rank < 2 or x.dtype not in _MATMUL_DTYPES:
+        return tf.reduce_sum(x, axis=-1, keepdims=keepdims)
+    n = tf.shape(x)[-1]
+    ones = tf.ones(tf.stack([n, 1]), dtype=x.dtype)
+    flat = tf.matmul(x if rank == 2 else tf.reshape(x, tf.stack([-1, n])), ones)
+    if rank == 2 and keepdims:
+        return flat
+    shape = tf.shape(x)[:-1]
+    return tf.reshape(flat, tf.concat([shape, [1]], 0) if keepdims else shape)
+
+
 def row_norm(x: tf.Tensor) -> tf.Tensor:
     """Euclidean norm of each row, [B, D] -> [B]."""
-    return tf.sqrt(tf.reduce_sum(tf.square(x), axis=-1))
+    return tf.sqrt(row_sum(tf.square(x)))
 
 
 def safe_divide(num: tf.Tensor, den: tf.Tensor) -> tf.Tensor:

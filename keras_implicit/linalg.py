@@ -16,12 +16,12 @@ import keras
 import tensorflow as tf
 
 from keras_implicit import _validation
-from keras_implicit._structure import row_norm, safe_divide, while_loop
+from keras_implicit._structure import row_norm, row_sum, safe_divide, while_loop
 from keras_implicit.solvers import SolverStats, broyden_root, resolve
 
 
 def _dot(a, b):
-    return tf.reduce_sum(a * b, axis=-1)
+    return row_sum(a * b)
 
 
 def _prepare(matvec, b, init, ridge):

@@ -19,7 +19,7 @@ import keras
 import tensorflow as tf
 
 from keras_implicit import _validation
-from keras_implicit._structure import finite_rows, row_norm, safe_divide, while_loop
+from keras_implicit._structure import finite_rows, row_norm, row_sum, safe_divide, while_loop
 
 
 class SolverStats(NamedTuple):
@@ -276,7 +276,7 @@ def broyden_root(residual_map, y0, *, tol, max_iter, memory, residual_fn=None):
         # Sherman-Morrison update of the inverse: H += (s - H d) s^T H / (s^T H d)
         d = f_new - fy
         h_d = apply_h(us, vs, d)
-        denom = tf.reduce_sum(step * h_d, axis=-1)
+        denom = row_sum(step * h_d)
         u = safe_divide(step - h_d, denom[:, None])
         v = apply_ht(us, vs, step)
         update = tf.cast(tf.logical_and(move, tf.abs(denom) > 0), dtype)[:, None, None]
