@@ -1,13 +1,14 @@
 """Inner-solver kernels: TensorFlow, XLA-compilable, static shapes, float64.
 
-The work horse is ``cd_epochs``: a few cyclic coordinate-descent epochs on
+The work horse is ``cd_epoch``: one cyclic coordinate-descent epoch on
 
     F(b) = 1/2 b^T H b - c^T b + sum_j alphas_j |b_j|,
 
 the Lasso / elastic net restricted to a working set W (``H = X_W^T X_W / n + l2 I``)
-or a proximal-Newton model of the logistic loss. The working-set drivers
-(``_solver.py``) run ``cd_quadratic`` / ``logistic_prox_newton`` in a plain
-``tf.function`` with only ``cd_epochs`` XLA-compiled.
+or a proximal-Newton model of the logistic loss. The Lasso working-set driver
+(``_solver.py``) XLA-compiles only that kernel and does the rest eagerly on the host;
+the logistic driver runs ``logistic_prox_newton`` in a plain ``tf.function`` with
+``cd_epochs`` XLA-compiled.
 
 Why coordinate descent rather than FISTA, and why this split (measured on the 2-core
 CPU of this project, see ``benchmarks/bench_lasso.py``):
@@ -15,12 +16,14 @@ CPU of this project, see ``benchmarks/bench_lasso.py``):
   epoch over a 256-wide working set costs ~0.1 ms, and CD with Anderson extrapolation
   (Bertrand & Massias, 2021) needs tens of epochs on AR(1) designs where FISTA needs
   hundreds of W x W products;
-- XLA compile time on this CPU is 0.3-0.8 s for ``cd_epochs`` but 2-4 s once the gap,
-  the extrapolation and the stopping loop are compiled in, and each working-set bucket
-  size is a new shape; keeping the compiled part small keeps cold starts short;
-- the bookkeeping stays in TensorFlow rather than numpy: OpenBLAS threads and TF's
-  thread pool contend on small machines (a 1024 x 1024 numpy matvec was measured 10-40x
-  slower after TensorFlow started its threads).
+- tracing + XLA compilation take ~0.3 s for ``cd_epoch``, ~0.7 s for the five-epoch
+  ``cd_epochs`` (under load) and 2-4 s once the gap, the extrapolation and the
+  stopping loop are compiled in; each padded width is a new XLA shape, so the driver
+  pads every working set up to 1024 columns into one width;
+- the bookkeeping between kernel calls works on vectors only (the kernel returns the
+  gradients of its iterates): OpenBLAS threads and TF's thread pool contend on small
+  machines, and a 1024 x 1024 matrix-vector product was measured at 1-3 ms under
+  load from either library (0.15 ms single-threaded), more than a CD block.
 
 ``cd_quadratic`` and ``logistic_prox_newton`` are complete in-graph solvers built on
 the same pieces, usable eagerly, in ``tf.function`` and under ``jit_compile=True``.
@@ -52,18 +55,19 @@ def _inverse_diagonal(H):
     return diag, tf.where(positive, 1.0 / tf.where(positive, diag, 1.0), tf.zeros_like(diag))
 
 
-def _cd_epoch(H, diag, inv_diag, alphas, beta, grad):
-    """One cyclic pass; ``grad = H beta - c`` is kept up to date (O(W) per change)."""
-    size = tf.shape(H)[0]
+def _cd_epoch(H, inv_diag, alphas, beta, grad, size):
+    """One cyclic pass over the first ``size`` coordinates; ``grad = H beta - c`` is
+    kept up to date (O(W) per change). ``inv_diag_j = 0`` marks a padded column."""
+    width = tf.shape(H)[0]
 
     def coordinate(j, beta, grad):
         old = beta[j]
         new = soft_threshold(old - grad[j] * inv_diag[j], alphas[j] * inv_diag[j])
-        new = tf.where(diag[j] > 0, new, tf.zeros_like(new))
+        new = tf.where(inv_diag[j] > 0, new, tf.zeros_like(new))
         delta = new - old
 
         def update():
-            hot = tf.one_hot(j, size, dtype=beta.dtype)
+            hot = tf.one_hot(j, width, dtype=beta.dtype)
             return beta + delta * hot, grad + delta * tf.gather(H, j)
 
         # Most coordinates of a working set stay at zero: skipping their update is
@@ -75,25 +79,57 @@ def _cd_epoch(H, diag, inv_diag, alphas, beta, grad):
     return beta, grad
 
 
+def cd_epoch(H, grad, beta, alphas, inv_diag, size):
+    """One cyclic CD epoch from ``beta`` given ``grad = H beta - c``: the XLA kernel
+    of the Lasso working-set driver.
+
+    The caller supplies the gradient (it carries ``H beta`` from block to block) and
+    ``1 / diag(H)`` (0 marks padding), and ``size`` (int32 scalar) limits the epoch to
+    the first ``size`` coordinates, so one compiled width serves every smaller working
+    set padded into it: the tail of ``beta`` and ``inv_diag`` must be zero, while the
+    tail of ``H`` and ``grad`` is never read. Kept to a single epoch without a matrix
+    product: Python tracing plus XLA compilation take ~0.3 s for this function against
+    ~0.7 s for the five-epoch ``cd_epochs`` on the shared 2-core CPU of this project,
+    and the four extra calls per Anderson block cost ~0.2 ms.
+
+    Returns ``(beta, grad)`` after the epoch.
+    """
+    return _cd_epoch(H, inv_diag, alphas, beta, grad, size)
+
+
+def cd_epochs_from_gradient(H, grad, beta, alphas, inv_diag, size):
+    """``ANDERSON_MEMORY`` epochs of ``cd_epoch`` in one graph (same arguments).
+
+    Returns ``(rows, grads)``: the (ANDERSON_MEMORY + 1, W) stacks of iterates (start
+    first, last epoch last; the input of an Anderson extrapolation) and of their
+    gradients ``H rows_i - c``.
+    """
+    memory = ANDERSON_MEMORY + 1
+
+    def place(k, row):
+        return tf.one_hot(k, memory, dtype=row.dtype)[:, None] * row[None, :]
+
+    def one_epoch(k, beta, grad, rows, grads):
+        beta, grad = _cd_epoch(H, inv_diag, alphas, beta, grad, size)
+        return k + 1, beta, grad, rows + place(k + 1, beta), grads + place(k + 1, grad)
+
+    _, _, _, rows, grads = tf.while_loop(
+        lambda k, *_: k < ANDERSON_MEMORY,
+        one_epoch,
+        (tf.constant(0), beta, grad, place(0, beta), place(0, grad)),
+    )
+    return rows, grads
+
+
 def cd_epochs(H, c, beta, alphas):
-    """Runs ``ANDERSON_MEMORY`` CD epochs from ``beta``.
+    """Runs ``ANDERSON_MEMORY`` CD epochs from ``beta`` on all W coordinates.
 
     Returns the (ANDERSON_MEMORY + 1, W) stack of iterates (start first, last epoch
     last): the input of an Anderson extrapolation.
     """
-    diag, inv_diag = _inverse_diagonal(H)
+    _, inv_diag = _inverse_diagonal(H)
     grad = tf.linalg.matvec(H, beta) - c
-    rows = tf.zeros([ANDERSON_MEMORY + 1, tf.shape(beta)[0]], beta.dtype)
-    rows = tf.tensor_scatter_nd_update(rows, [[0]], beta[None])
-
-    def one_epoch(k, beta, grad, rows):
-        beta, grad = _cd_epoch(H, diag, inv_diag, alphas, beta, grad)
-        return k + 1, beta, grad, tf.tensor_scatter_nd_update(rows, [[k + 1]], beta[None])
-
-    _, _, _, rows = tf.while_loop(
-        lambda k, *_: k < ANDERSON_MEMORY, one_epoch, (tf.constant(0), beta, grad, rows)
-    )
-    return rows
+    return cd_epochs_from_gradient(H, grad, beta, alphas, inv_diag, tf.shape(H)[0])[0]
 
 
 # ---------------------------------------------------------------------------------

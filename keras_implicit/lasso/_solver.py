@@ -4,11 +4,12 @@ Each outer iteration makes one pass over the full data (``X^T r``), computes the
 global duality gap, keeps the current support plus the features that violate the
 optimality conditions the most (score ``|X_j^T r / n - l2 b_j| / alpha_j``, as in
 celer / skglm) and solves the problem restricted to that working set: XLA runs the
-coordinate-descent epochs, the host does the O(W^2) bookkeeping between calls
-(duality gap, Anderson extrapolation; for the logistic loss the proximal-Newton
-Hessian and line search). Working sets are padded to widths 64 * 4^k so that XLA
-compiles a handful of shapes. The Gram block of the last working set is cached on the
-design: warm starts along a hyperparameter search share most of it.
+coordinate-descent epochs, the host does the bookkeeping between calls (duality gap,
+Anderson extrapolation; for the logistic loss the proximal-Newton Hessian and line
+search). Working sets are padded to widths 64 * 4^k, at least 1024 once p > 256, so
+that XLA compiles one shape per search in most cases (each costs ~0.3 s). The Gram
+block of the last working set is cached on the design: warm starts along a
+hyperparameter search share most of it.
 """
 
 from __future__ import annotations
@@ -23,12 +24,22 @@ from keras_implicit.lasso._data import DTYPE, Design
 
 MIN_WS_SIZE = 64
 MAX_UNCAPPED_WS = 1024  # see _working_set
-FIRST_WIDTH = 256  # narrowest padded width once p > 64 (one XLA shape fewer)
+# Narrowest compiled width once p > 256. The epoch kernel skips the padded tail, so a
+# 64-column working set in a 1024 width costs ~0.3 ms more per block, while every
+# extra width costs 0.3-0.5 s of XLA compilation: a search on p >= 1024 features
+# compiles a single width unless a working set outgrows 1024 columns.
+FIRST_WIDTH = 1024
 SUBPROBLEM_GAP_FRACTION = 0.3  # solve working sets to this fraction of the global gap
 MAX_EPOCHS = 20_000
+EXACT_PRODUCT_EVERY = 20  # see solve_gram_problem
 MAX_NEWTON = 100
 
 _compiled = {}
+
+_MATRIX = tf.TensorSpec([None, None], DTYPE)
+_VECTOR = tf.TensorSpec([None], DTYPE)
+_SCALAR = tf.TensorSpec([], DTYPE)
+_INT = tf.TensorSpec([], tf.int32)
 
 
 def cd_epochs_xla():
@@ -41,13 +52,21 @@ def cd_epochs_xla():
     return _compiled["cd_epochs"]
 
 
-_MATRIX = tf.TensorSpec([None, None], DTYPE)
-_VECTOR = tf.TensorSpec([None], DTYPE)
-_SCALAR = tf.TensorSpec([], DTYPE)
-_INT = tf.TensorSpec([], tf.int32)
+def cd_epoch_xla():
+    """The ``jit_compile=True`` version of ``_kernels.cd_epoch``.
+
+    Traced once for unknown sizes; XLA still compiles it once per padded width."""
+    if "cd_epoch" not in _compiled:
+        _compiled["cd_epoch"] = tf.function(
+            _kernels.cd_epoch,
+            input_signature=[_MATRIX, _VECTOR, _VECTOR, _VECTOR, _VECTOR, _INT],
+            jit_compile=True,
+            autograph=False,
+        )
+    return _compiled["cd_epoch"]
+
+
 _SIGNATURES = {
-    # H, c, beta, alphas, yy, l2, tol, max_epochs
-    "cd_quadratic": [_MATRIX, _VECTOR, _VECTOR, _VECTOR, _SCALAR, _SCALAR, _SCALAR, _INT],
     # A, y, mask, n, alphas, beta, tol, max_newton
     "logistic_prox_newton": [_MATRIX, _VECTOR, _VECTOR, _SCALAR, _VECTOR, _VECTOR, _SCALAR, _INT],
 }
@@ -126,21 +145,27 @@ class _GramCache:
         known_mask = (
             self.index[positions] == index if self.index.size else np.zeros(index.size, bool)
         )
+        if known_mask.all() and index.size == self.index.size:
+            return self.gram  # same working set as last time
         known, new = index[known_mask], index[~known_mask]
-        out = np.empty((index.size, index.size))
-        if known.size:
-            pos = positions[known_mask]
-            out[np.ix_(known_mask, known_mask)] = self.gram[np.ix_(pos, pos)]
+        pos = positions[known_mask]
+        # Assemble in [known | new] order with contiguous slices, then permute to the
+        # sorted order with two takes: masked 2-D assignments (np.ix_) cost ~5x more.
+        m = known.size
+        combined = np.empty((index.size, index.size))
+        combined[:m, :m] = self.gram.take(pos, axis=0).take(pos, axis=1)
         if new.size:
             x_new = design.columns(new)
-            out[np.ix_(~known_mask, ~known_mask)] = (
-                tf.matmul(x_new, x_new, transpose_a=True).numpy() / design.n
-            )
-            if known.size:
+            combined[m:, m:] = tf.matmul(x_new, x_new, transpose_a=True).numpy() / design.n
+            if m:
                 cross = tf.matmul(design.columns(known), x_new, transpose_a=True).numpy()
                 cross /= design.n
-                out[np.ix_(known_mask, ~known_mask)] = cross
-                out[np.ix_(~known_mask, known_mask)] = cross.T
+                combined[:m, m:] = cross
+                combined[m:, :m] = cross.T
+            order = np.argsort(np.concatenate([known, new]), kind="stable")
+            out = combined.take(order, axis=0).take(order, axis=1)
+        else:
+            out = combined
         self.index, self.gram = index, out
         return out
 
@@ -177,23 +202,89 @@ def _padded(vector, width, fill=0.0):
 # ---------------------------------------------------------------------------------
 # Squared loss (Lasso, elastic net, weighted Lasso)
 # ---------------------------------------------------------------------------------
-def solve_gram_problem(H, c, beta, alphas, yy, l2, tol, max_epochs):
-    """CD + Anderson on ``1/2 b^T H b - c^T b + sum alphas |b|``.
+def _gram_gap(hb, c, beta, alphas, yy, l2):
+    """``gram_gap`` from a precomputed ``hb = H beta`` (numpy, no extra product)."""
+    gram_beta = hb - l2 * beta  # X^T X b / n
+    cb = float(np.sum(c * beta))
+    rr = max(yy - 2.0 * cb + float(np.sum(beta * gram_beta)), 0.0)
+    return float(_kernels.quadratic_gap(c - gram_beta, yy - cb, rr, beta, alphas, l2)[0])
 
-    Arrays must already be padded to a bucket width. Returns numpy
-    ``(beta, gap, epochs)``.
+
+def solve_gram_problem(H, c, beta, alphas, yy, l2, tol, max_epochs, width=None):
+    """CD + Anderson on ``1/2 b^T H b - c^T b + sum alphas |b|`` (numpy in and out).
+
+    XLA runs the epochs (``_kernels.cd_epoch``) on the problem zero-padded to
+    ``width`` (default ``bucket(size)``); after each block of ``ANDERSON_MEMORY``
+    epochs the extrapolation, its safeguard and the gap are computed on the host from
+    the iterates and gradients the kernel returns, with no product by H: on this
+    shared 2-core CPU a multi-threaded (W, W) matrix-vector product costs 1-3 ms under
+    load, more than a CD block. A traced graph for this loop (the ``cd_quadratic``
+    route) cost ~0.5 s of tracing per process, more than a whole warm search.
+
+    The gradients carried from block to block accumulate rounding, so ``H beta`` is
+    recomputed exactly every ``EXACT_PRODUCT_EVERY`` blocks and before the gap is
+    trusted for stopping.
+
+    Returns numpy ``(beta, gap, epochs)``.
     """
-    beta, gap, epochs = _graph_solver("cd_quadratic")(
-        tf.constant(H),
-        tf.constant(c),
-        tf.constant(beta),
-        tf.constant(alphas),
-        tf.constant(yy, DTYPE),
-        tf.constant(l2, DTYPE),
-        tf.constant(tol, DTYPE),
-        tf.constant(max_epochs, tf.int32),
-    )
-    return beta.numpy(), float(gap), int(epochs)
+    size = int(H.shape[0])
+    width = bucket(size) if width is None else int(width)
+    padded = np.zeros((width, width))
+    padded[:size, :size] = H
+    H_tf = tf.constant(padded)  # ~3x faster than tf.pad of the (size, size) block
+    diag = np.diagonal(H)
+    inv_diag = np.zeros(width)
+    inv_diag[:size] = np.where(diag > 0, 1.0 / np.where(diag > 0, diag, 1.0), 0.0)
+    inv_diag_tf = tf.constant(inv_diag)
+    alphas_tf = tf.constant(_padded(alphas, width, 1.0))
+    size_tf = tf.constant(size, tf.int32)
+    kernel = cd_epoch_xla()
+
+    def exact_product(beta):
+        return tf.linalg.matvec(H_tf, tf.constant(_padded(beta, width))).numpy()[:size]
+
+    def objective(beta, hb):
+        return 0.5 * np.sum(beta * hb) - np.sum(beta * c) + np.sum(np.abs(beta) * alphas)
+
+    beta = np.array(beta, dtype=np.float64)
+    hb = exact_product(beta)
+    gap = _gram_gap(hb, c, beta, alphas, yy, l2)
+    epochs = blocks = 0
+    exact = True
+    while epochs < max_epochs:
+        if gap <= tol:
+            if exact:
+                break
+            hb, exact = exact_product(beta), True
+            gap = _gram_gap(hb, c, beta, alphas, yy, l2)
+            continue
+        rows, grads = [beta], [hb - c]
+        beta_tf = tf.constant(_padded(beta, width))
+        grad_tf = tf.constant(_padded(hb - c, width))
+        for _ in range(_kernels.ANDERSON_MEMORY):
+            beta_tf, grad_tf = kernel(H_tf, grad_tf, beta_tf, alphas_tf, inv_diag_tf, size_tf)
+            rows.append(beta_tf.numpy()[:size])
+            grads.append(grad_tf.numpy()[:size])
+        rows, grads = np.array(rows), np.array(grads)
+        epochs += _kernels.ANDERSON_MEMORY
+        blocks += 1
+        beta, hb = rows[-1], grads[-1] + c
+        try:
+            weights, ok = _kernels.anderson_weights(rows)
+        except np.linalg.LinAlgError:
+            ok = False
+        if ok:
+            # The extrapolation is affine (weights sum to 1): so is its gradient.
+            extrapolated = np.sum(weights[:, None] * rows[1:], axis=0)
+            extrapolated_hb = np.sum(weights[:, None] * grads[1:], axis=0) + c
+            # Keep the extrapolated point only if it lowers the objective (a NaN does not).
+            if objective(extrapolated, extrapolated_hb) < objective(beta, hb):
+                beta, hb = extrapolated, extrapolated_hb
+        exact = False
+        if blocks % EXACT_PRODUCT_EVERY == 0:
+            hb, exact = exact_product(beta), True
+        gap = _gram_gap(hb, c, beta, alphas, yy, l2)
+    return beta, gap, epochs
 
 
 def _residual(design: Design, y_tf, beta: np.ndarray):
@@ -244,22 +335,22 @@ def solve_quadratic(
         ws_size = index.size
         if xty is None:
             xty = design.rmatvec(y_tf).numpy() / n
-        width = bucket(index.size, minimum=min(FIRST_WIDTH, bucket(p)))
-        H = np.zeros((width, width))
-        H[: index.size, : index.size] = gram_block(design, index)
-        H[np.arange(index.size), np.arange(index.size)] += l2
+        H = gram_block(design, index)
+        if l2:
+            H = H + l2 * np.eye(index.size)
         sub_beta, _, sub_epochs = solve_gram_problem(
             H,
-            _padded(xty[index], width),
-            _padded(beta[index], width),
-            _padded(alphas[index], width, 1.0),
+            xty[index],
+            beta[index],
+            alphas[index],
             yy,
             l2,
             _sub_tolerance(gap, tol_abs),
             max_epochs,
+            width=bucket(index.size, minimum=min(FIRST_WIDTH, bucket(p))),
         )
         epochs += sub_epochs
-        beta[index] = sub_beta[: index.size]
+        beta[index] = sub_beta
     return Solution(beta, 0.0, gap, tol_abs, converged, it, epochs, primal)
 
 

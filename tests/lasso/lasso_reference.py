@@ -68,6 +68,9 @@ def sklearn_solution(model, X, y):
                     l1_ratio=1.0, C=C, solver="saga", tol=1e-14, max_iter=SK_MAX_ITER
                 )
             else:
+                # liblinear shuffles coordinates with a seed drawn from numpy's global
+                # RNG, which depends on the tests run before; for some seeds it does
+                # not reach tol=1e-14 and runs to max_iter (minutes): fix the seed.
                 sk = lm.LogisticRegression(
                     l1_ratio=1.0,
                     C=C,
@@ -75,6 +78,7 @@ def sklearn_solution(model, X, y):
                     fit_intercept=False,
                     tol=1e-14,
                     max_iter=SK_MAX_ITER,
+                    random_state=0,
                 )
             sk.fit(X, y)
             return sk.coef_[0].copy(), float(np.ravel(sk.intercept_)[0]) if fi else 0.0

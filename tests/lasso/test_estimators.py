@@ -225,3 +225,23 @@ def test_capped_working_sets_match_sklearn(monkeypatch):
     assert np.count_nonzero(coef) > _solver.MIN_WS_SIZE  # the cap is exercised
     np.testing.assert_allclose(model.coef_, coef, atol=1e-6)
     assert model.intercept_ == pytest.approx(intercept, abs=1e-6)
+
+
+def test_gram_cache_reassembles_changing_working_sets():
+    # Working sets along a search keep some columns, drop others and add new ones;
+    # the cached block must always equal Xc_W^T Xc_W / n (dense and sparse designs).
+    import scipy.sparse as sp
+
+    from keras_implicit.lasso import _solver
+    from keras_implicit.lasso._data import Design
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((30, 40)) * (rng.random((30, 40)) < 0.5)
+    for raw in (X, sp.csc_matrix(X)):
+        design, mean = Design.centered(raw)
+        Xc = X - mean
+        for index in ([3, 5, 9], [1, 3, 9, 20], [1, 3, 9, 20], [0, 2, 20, 39], list(range(40))):
+            index = np.array(index)
+            block = _solver.gram_block(design, index)
+            np.testing.assert_allclose(block, Xc[:, index].T @ Xc[:, index] / 30, atol=1e-12)
+        np.testing.assert_allclose(design.columns([4, 7]).numpy(), Xc[:, [4, 7]], atol=1e-12)

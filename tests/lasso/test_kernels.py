@@ -128,3 +128,65 @@ def test_anderson_extrapolates_linear_sequences_exactly():
 def test_soft_threshold():
     x = tf.constant([-2.0, -0.5, 0.0, 0.3, 4.0], F64)
     np.testing.assert_allclose(L.soft_threshold(x, 1.0).numpy(), [-1.0, 0.0, 0.0, 0.0, 3.0])
+
+
+def test_size_bounded_epochs_ignore_the_padded_tail():
+    # The driver pads working sets into one compiled width and passes the real size:
+    # whatever the tail holds, the iterates on the real coordinates must be those of
+    # the unpadded problem and the returned gradients must be H rows - c.
+    _, _, args = _lasso_inputs(0.05)
+    H, c = args[0].numpy(), args[1].numpy()
+    p, width = H.shape[0], 16
+    rng = np.random.default_rng(0)
+    H_pad = rng.standard_normal((width, width))  # garbage outside the real block
+    H_pad[:p, :p] = H
+    inv_diag = np.zeros(width)
+    inv_diag[:p] = 1.0 / np.diag(H)
+    alphas = np.full(width, 0.05)
+    grad_pad = rng.standard_normal(width)  # the tail of the gradient is never read
+    grad_pad[:p] = -c
+    # The driver's XLA kernel (one epoch per call) and the five-epoch in-graph version.
+    kernel = tf.function(_kernels.cd_epoch, jit_compile=True, autograph=False)
+    beta_t, grad_t = tf.zeros(width, F64), tf.constant(grad_pad)
+    rows, grads = [beta_t.numpy()], [grad_pad]
+    for _ in range(_kernels.ANDERSON_MEMORY):
+        args = (tf.constant(alphas), tf.constant(inv_diag), tf.constant(p))
+        beta_t, grad_t = kernel(tf.constant(H_pad), grad_t, beta_t, *args)
+        rows.append(beta_t.numpy())
+        grads.append(grad_t.numpy())
+    rows, grads = np.array(rows), np.array(grads)
+    in_graph = _kernels.cd_epochs_from_gradient(
+        *(tf.constant(v) for v in (H_pad, grad_pad, np.zeros(width), alphas, inv_diag)),
+        tf.constant(p),
+    )
+    np.testing.assert_allclose(in_graph[0].numpy(), rows, atol=1e-12)
+    reference = _kernels.cd_epochs(*(tf.constant(v) for v in (H, c, np.zeros(p), alphas[:p])))
+    np.testing.assert_allclose(rows[:, :p], reference.numpy(), atol=1e-12)
+    np.testing.assert_array_equal(rows[:, p:], 0.0)
+    np.testing.assert_allclose(grads[:, :p], rows[:, :p] @ H - c, atol=1e-10)
+
+
+@pytest.mark.parametrize("l2", [0.0, 0.3])
+def test_padded_gram_solver_matches_sklearn(l2):
+    from keras_implicit.lasso import _solver
+
+    X, y = diabetes()
+    X, y = X - X.mean(0), y - y.mean()
+    n, p = X.shape
+    yy = y @ y / n
+    H = X.T @ X / n + l2 * np.eye(p)
+    alphas = np.full(p, 0.2)
+    beta, gap, epochs = _solver.solve_gram_problem(
+        H, X.T @ y / n, np.zeros(p), alphas, yy, l2, 1e-13 * yy, 100_000, width=64
+    )
+    if l2:
+        model = L.ElasticNet(alpha_l1=0.2, alpha_l2=l2, fit_intercept=False)
+    else:
+        model = L.Lasso(alpha=0.2, fit_intercept=False)
+    coef, _ = sklearn_solution(model, X, y)
+    np.testing.assert_allclose(beta, coef, atol=1e-6 * np.abs(coef).max())
+    assert gap <= 1e-13 * yy and epochs > 0
+    # The stopping decision holds for an independently computed gap (the solver carries
+    # gradients between blocks but must recompute H beta before trusting the gap).
+    exact = _kernels.gram_gap(H, X.T @ y / n, beta, alphas, yy, l2)
+    assert float(exact) <= 1e-13 * yy
