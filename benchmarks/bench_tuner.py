@@ -1,10 +1,28 @@
 """Trials and wall time for keras-tuner oracles to tune Lasso-type penalties.
 
-For each problem, the target is the best held-out MSE of scikit-learn over a dense
-log grid of the penalties (tight tolerance): 120 penalties in [1e-4, 1] * alpha_max
-for the Lasso; for the ElasticNet (two penalties, l1 and l2) a 30 x 30 grid over
-[1e-4, 1] * alpha_max times [1e-4, 1] * (mean feature variance), which are also the
-bounds every tuner searches. Every tuner searches the same space with the same trial
+Problems (held-out MSE, half of the samples for training, half for validation):
+
+- ``p60_informative8``, ``p200_lowrank_informative20``: one Lasso penalty. The
+  common case; a 1-D search over 4 decades, easy for every tuner (random search
+  needs a handful of trials), so no large speedup is possible there.
+- ``p200_lowrank_elasticnet``: ElasticNet, two penalties (l1, l2). A narrow valley
+  in l1 and a slope in l2 that flattens towards its lower bound: blind search in 2-D
+  has to land in a thin band.
+- ``multisource_4groups``: four data sources of 50 features each (own shared factor,
+  10, 5, 2 and 0 informative features), one Lasso penalty per source
+  (``WeightedLasso`` with ``penalty_groups``, as IPF-Lasso tunes penalty factors per
+  data modality). Four hyperparameters: a blind search's chance to land near the
+  optimum falls with the dimension, while a hypergradient costs the same per trial.
+
+For each problem, the target is the best held-out MSE of scikit-learn (tight
+tolerance) over a dense log grid of the penalties: 120 penalties in
+[1e-4, 1] * alpha_max for the Lasso; for the ElasticNet (l1, l2) a 30 x 30 grid
+over [1e-4, 1] * alpha_max times [1e-4, 1] * (mean feature variance), which are
+also the bounds every tuner searches. A dense 4-D grid is out of reach, so for the
+four sources the target is the best of a 120-point grid of one shared penalty,
+refined by Nelder-Mead over the four log penalties (scikit-learn fits, derivative
+free: independent of the hypergradient); the tuners search
+[1e-4, 1] * alpha_max per source. Every tuner searches the same space with the same trial
 budget through the same Tuner (``ki.tuner.LassoTuner``, so a trial costs the same for
 all); we record how many trials and how many seconds each needs to get within 1% of
 the target (a run stops there). Random search and Bayesian optimization are run with
@@ -30,6 +48,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras_tuner
 import numpy as np
+import scipy.optimize
 from sklearn.datasets import make_regression
 from sklearn.linear_model import ElasticNet as SkElasticNet
 from sklearn.linear_model import Lasso as SkLasso
@@ -43,7 +62,9 @@ TOLERANCE = 0.01
 
 
 def problems(quick):
-    """(name, estimator, x, y, x_val, y_val): held-out regression problems."""
+    """(name, estimator, x, y, x_val, y_val, groups): held-out regression problems
+    (``groups``: the source of each feature, for the grouped penalties, else None)."""
+    del quick  # the quick run uses the same problems with a smaller budget
     specs = [("p60_informative8", "lasso", 300, 60, 8, 20.0, None)]
     specs.append(("p200_lowrank_informative20", "lasso", 400, 200, 20, 5.0, 30))
     specs.append(("p200_lowrank_elasticnet", "elasticnet", 400, 200, 20, 5.0, 30))
@@ -58,27 +79,77 @@ def problems(quick):
             random_state=0,
         )
         half = n // 2
-        out.append((name, estimator, x[:half], y[:half], x[half:], y[half:]))
+        out.append((name, estimator, x[:half], y[:half], x[half:], y[half:], None))
+    out.append(("multisource_4groups", "grouped", *multisource()))
     return out
 
 
-def bounds(estimator, x, y):
+def multisource(n=400, size=50, informative=(10, 5, 2, 0), noise=5.0, seed=0):
+    """Four data sources: features correlated within a source (a shared factor), with
+    10, 5, 2 and 0 informative features. (x, y, x_val, y_val, source of each feature)."""
+    rng = np.random.default_rng(seed)
+    groups = np.repeat(np.arange(len(informative)), size)
+    x = rng.standard_normal((n, groups.size))
+    coef = np.zeros(groups.size)
+    for source, count in enumerate(informative):
+        columns = np.flatnonzero(groups == source)
+        x[:, columns] += 0.5 * rng.standard_normal((n, 1))
+        coef[columns[:count]] = rng.normal(scale=2.0, size=count)
+    y = x @ coef + noise * rng.standard_normal(n)
+    half = n // 2
+    return x[:half], y[:half], x[half:], y[half:], groups
+
+
+def bounds(estimator, x, y, groups=None):
     """{name: (low, high)} of the penalties: what LassoTuner declares by default."""
     scale = ki.lasso.alpha_max(x, y)
     if estimator == "lasso":
         return {"alpha": (LOW * scale, scale)}
+    if estimator == "grouped":
+        return {f"alpha_{label}": (LOW * scale, scale) for label in np.unique(groups)}
     variance = float(np.mean(np.var(x, axis=0)))
     return {"alpha_l1": (LOW * scale, scale), "alpha_l2": (LOW * variance, variance)}
 
 
-def grid_best(estimator, x, y, x_val, y_val, n_alphas=120, n_per_axis=30):
-    """Best held-out MSE of scikit-learn over a dense log grid of the penalties."""
-    space = bounds(estimator, x, y)
+def held_out_mse(model, x_val, y_val):
+    return float(np.mean((model.predict(x_val) - y_val) ** 2))
+
+
+def grouped_mse(log_alphas, x, y, x_val, y_val, groups):
+    """Held-out MSE of the Lasso with penalty exp(log_alphas[g]) on the features of
+    group g: scikit-learn's Lasso on rescaled columns (b_j = c_j / w_j turns
+    sum_j alpha w_j |b_j| into alpha |c|_1 for the columns x_j / w_j)."""
+    alphas = np.exp(np.asarray(log_alphas))[groups]
+    reference = float(alphas.min())
+    weights = alphas / reference
+    model = SkLasso(alpha=reference, tol=1e-10, max_iter=100_000).fit(x / weights, y)
+    return held_out_mse(model, x_val / weights, y_val)
+
+
+def grid_best(estimator, x, y, x_val, y_val, groups=None, n_alphas=120, n_per_axis=30):
+    """Best held-out MSE of scikit-learn over a dense log grid of the penalties (for
+    the grouped penalties: a shared-penalty grid refined by Nelder-Mead)."""
+    space = bounds(estimator, x, y, groups)
+    if estimator == "grouped":
+        low, high = np.log(next(iter(space.values())))
+        k = len(space)
+        shared = np.linspace(low, high, n_alphas)
+        errors = [grouped_mse(np.full(k, t), x, y, x_val, y_val, groups) for t in shared]
+        start = np.full(k, shared[int(np.argmin(errors))])
+        # A simplex of half a decade per penalty around the best shared penalty.
+        simplex = np.vstack([start, start + 0.5 * np.log(10.0) * np.eye(k)])
+        result = scipy.optimize.minimize(
+            lambda t: grouped_mse(np.clip(t, low, high), x, y, x_val, y_val, groups),
+            start,
+            method="Nelder-Mead",
+            options={"maxfev": 400, "xatol": 1e-3, "fatol": 1e-6, "initial_simplex": simplex},
+        )
+        return min(min(errors), float(result.fun))
     best = np.inf
     if estimator == "lasso":
         for alpha in np.geomspace(*space["alpha"], n_alphas):
             model = SkLasso(alpha=alpha, tol=1e-10, max_iter=100_000).fit(x, y)
-            best = min(best, float(np.mean((model.predict(x_val) - y_val) ** 2)))
+            best = min(best, held_out_mse(model, x_val, y_val))
         return best
     for l1 in np.geomspace(*space["alpha_l1"], n_per_axis):
         for l2 in np.geomspace(*space["alpha_l2"], n_per_axis):
@@ -86,7 +157,7 @@ def grid_best(estimator, x, y, x_val, y_val, n_alphas=120, n_per_axis=30):
             model = SkElasticNet(
                 alpha=l1 + l2, l1_ratio=l1 / (l1 + l2), tol=1e-10, max_iter=100_000
             ).fit(x, y)
-            best = min(best, float(np.mean((model.predict(x_val) - y_val) ** 2)))
+            best = min(best, held_out_mse(model, x_val, y_val))
     return best
 
 
@@ -136,15 +207,20 @@ def make_oracle(kind, budget, space, seed):
 
 
 KINDS = ("hypergradient", "hypergradient_line_search", "grid", "random", "bayesian")
-ESTIMATORS = {"lasso": ki.lasso.Lasso, "elasticnet": ki.lasso.ElasticNet}
+ESTIMATORS = {
+    "lasso": ki.lasso.Lasso,
+    "elasticnet": ki.lasso.ElasticNet,
+    "grouped": ki.lasso.WeightedLasso,
+}
 
 
 def run_one(kind, estimator, data, target, budget, seed, directory):
-    x, y, x_val, y_val = data
+    x, y, x_val, y_val, groups = data
     tuner = TimedLassoTuner(
         ESTIMATORS[estimator](tol=1e-6),
-        oracle=make_oracle(kind, budget, bounds(estimator, x, y), seed),
+        oracle=make_oracle(kind, budget, bounds(estimator, x, y, groups), seed),
         penalty_range=(LOW, 1.0),
+        penalty_groups=groups,
         directory=directory,
         project_name=f"{kind}_{seed}",
         overwrite=True,
@@ -189,9 +265,9 @@ def main():
         "problems": {},
     }
     with tempfile.TemporaryDirectory() as directory:
-        for name, estimator, x, y, x_val, y_val in problems(args.quick):
-            target = grid_best(estimator, x, y, x_val, y_val)
-            data = (x, y, x_val, y_val)
+        for name, estimator, x, y, x_val, y_val, groups in problems(args.quick):
+            target = grid_best(estimator, x, y, x_val, y_val, groups)
+            data = (x, y, x_val, y_val, groups)
             # Untimed warm-up: the first fits in a process pay for tracing/compiling
             # the inner solver, which would otherwise be charged to the first tuner.
             run_one("random", estimator, data, target, 3, 0, directory)
@@ -216,7 +292,7 @@ def main():
                 print(name, kind, rows[kind]["median_trials_to_target"], rows[kind]["reached"])
             report["problems"][name] = {
                 "estimator": estimator,
-                "penalties": list(bounds(estimator, x, y)),
+                "penalties": list(bounds(estimator, x, y, groups)),
                 "n_train": int(x.shape[0]),
                 "n_features": int(x.shape[1]),
                 "grid_best_mse": target,
@@ -251,7 +327,9 @@ def write(report, quick):
         f"and Bayesian (a miss counts as {budget} + 1); '>{budget}' = not reached. Same "
         "Tuner, search space and trial cost for all oracles; target = best held-out MSE "
         "of scikit-learn over a dense log grid (Lasso: 120 penalties; ElasticNet: 30 x 30 "
-        "penalties). HypergradientOracle with its defaults (policy='quasi_newton'). "
+        "penalties; four sources: 120 shared penalties refined by Nelder-Mead over the "
+        "four, see the module docstring). HypergradientOracle with its defaults "
+        "(policy='quasi_newton'). "
         "Machine: " + report["machine"],
         "",
         "| problem | tuner | trials to target | per run | seconds to target | reached "

@@ -86,6 +86,11 @@ class LassoTuner(BaseTuner):
         sparse head is fitted on its outputs.
       penalty_range, initial_penalty: bounds and starting value relative to
         ``alpha_max``.
+      penalty_groups: ``WeightedLasso`` only: one label per feature; the features of
+        a group share one penalty, tuned as the hyperparameter ``"alpha_<label>"``
+        (e.g. one penalty per data source, as in IPF-Lasso). Its hypergradient is the
+        sum of its features' hypergradients (chain rule). ``None`` (default): one
+        penalty per feature.
       tensorboard: per-trial TensorBoard scalars. ``True`` writes them under
         ``<project_dir>/tensorboard``, a string under that directory; ``None``
         (default) writes none unless ``search`` gets a
@@ -108,6 +113,7 @@ class LassoTuner(BaseTuner):
         feature_extractor=None,
         penalty_range=(1e-4, 1.0),
         initial_penalty=0.1,
+        penalty_groups=None,
         tensorboard=None,
         directory=None,
         project_name=None,
@@ -132,6 +138,7 @@ class LassoTuner(BaseTuner):
         self.feature_extractor = feature_extractor
         self.penalty_range = (low, high)
         self.initial_penalty = float(initial_penalty)
+        self.penalty_groups = _check_groups(estimator, penalty_groups)
         if not (tensorboard is None or isinstance(tensorboard, bool | str | os.PathLike)):
             raise ValueError(
                 "`tensorboard` must be None, a bool or a directory path. "
@@ -189,6 +196,11 @@ class LassoTuner(BaseTuner):
         if x.shape[0] != y.shape[0]:
             raise ValueError(
                 f"`x` and `y` have mismatched numbers of samples: {x.shape[0]} and {y.shape[0]}."
+            )
+        if self.penalty_groups is not None and self.penalty_groups.size != x.shape[1]:
+            raise ValueError(
+                "`penalty_groups` needs one label per feature: "
+                f"{self.penalty_groups.size} labels for {x.shape[1]} features."
             )
         self._declare_space(x, y)
         self._state = {}  # warm starts and converted data belong to this data set
@@ -272,7 +284,7 @@ class LassoTuner(BaseTuner):
             raise ValueError("alpha_max(x, y) is 0: `y` is constant or `x` is all zeros.")
         hp = self.oracle.get_space()
         low, high = self.penalty_range
-        for name in penalty_names(self.estimator, x.shape[1]):
+        for name in self._hyperparameter_names(x.shape[1]):
             if hp._exists(name):
                 continue
             unit = _feature_variance(x) if name == "alpha_l2" else scale
@@ -294,10 +306,22 @@ class LassoTuner(BaseTuner):
             return ki_lasso.HeldOutLogistic(x_val, y_val)
         return ki_lasso.HeldOutMSE(x_val, y_val)
 
+    def _hyperparameter_names(self, n_features):
+        if self.penalty_groups is None:
+            return penalty_names(self.estimator, n_features)
+        return [f"alpha_{label}" for label in np.unique(self.penalty_groups)]
+
+    def _group_index(self):
+        """Index of each feature's group in ``_hyperparameter_names`` order."""
+        return np.unique(self.penalty_groups, return_inverse=True)[1].ravel()
+
     def _estimator_at(self, hyperparameters, n_features):
         model = ki_lasso.clone(self.estimator)
-        names = penalty_names(model, n_features)
-        model.set_log_penalties(np.log([hyperparameters.get(name) for name in names]))
+        names = self._hyperparameter_names(n_features)
+        log_values = np.log([hyperparameters.get(name) for name in names])
+        if self.penalty_groups is not None:
+            log_values = log_values[self._group_index()]  # each feature its group's value
+        model.set_log_penalties(log_values)
         return model
 
     # -- one trial ----------------------------------------------------------------------
@@ -317,7 +341,11 @@ class LassoTuner(BaseTuner):
             "gradient_norm": float(np.linalg.norm(grad)),
             "n_active": float(np.count_nonzero(model.coef_)),
         }
-        names = penalty_names(model, n_features)
+        names = self._hyperparameter_names(n_features)
+        if self.penalty_groups is not None:
+            # alpha_j = alpha_group for every feature j of the group: the group's
+            # log-derivative is the sum of its features' log-derivatives.
+            grad = np.bincount(self._group_index(), weights=grad, minlength=len(names))
         for name, g in zip(names, grad, strict=True):
             metrics[gradient_metric(name)] = float(g)
         self._log_trial(trial, metrics, {name: float(hp.get(name)) for name in names})
@@ -454,6 +482,23 @@ def _check_range(penalty_range, initial_penalty):
             f"Received: initial_penalty={initial_penalty!r}, penalty_range={penalty_range!r}"
         )
     return low, high
+
+
+def _check_groups(estimator, penalty_groups):
+    if penalty_groups is None:
+        return None
+    if not isinstance(estimator, ki_lasso.WeightedLasso):
+        raise ValueError(
+            "`penalty_groups` needs a ki.lasso.WeightedLasso estimator (one penalty per "
+            f"feature to share within groups). Received: estimator={estimator!r}"
+        )
+    labels = np.asarray(penalty_groups)
+    if labels.ndim != 1 or labels.size == 0 or labels.dtype.kind not in "iuU":
+        raise ValueError(
+            "`penalty_groups` must be a non-empty 1-D sequence of integer or string "
+            f"labels, one per feature. Received: penalty_groups={penalty_groups!r}"
+        )
+    return labels
 
 
 def _jsonable(params):

@@ -29,6 +29,7 @@ GRADIENT_PREFIX = "hypergradient/"
 DEFAULT_OBJECTIVE = "val_criterion"
 POLICIES = ("quasi_newton", "line_search", "adam")
 ARMIJO = 1e-4  # sufficient-decrease constant of the line searches
+ALIGNED = 0.9  # cosine above which a gradient counts as pointing along a step
 DECADE = math.log(10.0)  # one decade of a hyperparameter, in log units
 MAX_TABLE_ROWS = 10  # above this many hyperparameters the display summarizes them
 
@@ -76,12 +77,19 @@ class HypergradientOracle(keras_tuner.Oracle):
       gradient. Every accepted trial (sufficient decrease of the objective) adds the
       secant pair (change of log values, change of gradient) to an L-BFGS memory and
       the next step is the quasi-Newton step; with one hyperparameter this is the
-      secant method on the derivative, which converges in a few trials. A step may be
-      at most ``max_growth`` times longer than the last accepted one, and when the
-      last pair shows no positive curvature (the gradient kept its sign and grew) the
-      step grows by ``max_growth`` along the gradient instead. Only when the
-      objective increases does it backtrack, to the minimizer of the cubic that
-      matches the objective and its slope at both ends of the rejected step.
+      secant method on the derivative, which converges in a few trials. The L-BFGS
+      recursion starts from one curvature per hyperparameter (from the newest pair
+      that moved it), not one shared scale: penalties of very different curvature
+      (a sharp l1 valley, a flat l2 slope) then each take their own Newton step. A
+      step may be at most ``max_growth`` times longer than the last accepted one
+      (largest change of a log hyperparameter; a longer step is shortened, its
+      direction kept), and when the last pair shows no positive curvature (the
+      gradient kept its sign and grew) the step grows by ``max_growth`` along the
+      gradient instead. Only when the objective increases does it backtrack, to the
+      minimizer of the cubic that matches the objective and its slope at both ends
+      of the rejected step; the rejected step's secant pair is kept. Bounds: a
+      hyperparameter at a bound and pushed out of it does not move; the others do,
+      projected onto the bounds.
     - ``"line_search"`` (the behavior before ``quasi_newton`` existed; sparse-ho
       style): a step is kept when the objective decreased enough, else the step
       shrinks by quadratic interpolation and is tried again; accepted steps adapt
@@ -480,16 +488,14 @@ class HypergradientOracle(keras_tuner.Oracle):
         s = theta_new - theta
         slope = float(grad @ s)  # < 0: the step went downhill
         if value <= previous + ARMIJO * slope:
-            y = grad_new - grad
-            curved = float(s @ y) > 1e-12 * float(np.linalg.norm(s) * np.linalg.norm(y))
-            if curved:
-                chain["memory_s"] = [*chain["memory_s"], [float(v) for v in s]][-self.memory :]
-                chain["memory_y"] = [*chain["memory_y"], [float(v) for v in y]][-self.memory :]
+            curved = self._remember(chain, s, grad_new - grad)
             end_slope = float(grad_new @ s)
             self._store_point(chain, theta_new, raw_value, raw_grad)
-            if end_slope > 0.0:
-                # Overshot: the objective decreased but rises again at the end of the
-                # step, so the minimum along it lies inside; interpolate back to it.
+            if end_slope > 0.0 and _along(grad_new, s) >= ALIGNED:
+                # Overshot along the step, and the gradient points back along it: the
+                # minimum lies inside the step; the cubic through both ends (values and
+                # slopes) locates it better than the secant. When the gradient also
+                # points elsewhere, the quasi-Newton step below uses that information.
                 fraction = _cubic_minimizer(previous, slope, value, end_slope)
                 chain["next_theta"] = [float(t) for t in theta + fraction * s]
                 return
@@ -498,9 +504,21 @@ class HypergradientOracle(keras_tuner.Oracle):
             return
         # The objective went up: backtrack along the step to the minimizer of the
         # cubic through the objective and its slope at both ends.
+        # The pair (rejected step, gradient change) is still a valid secant about the
+        # accepted point: keep its curvature for the steps after the backtrack.
+        self._remember(chain, s, grad_new - grad)
         fraction = _cubic_minimizer(previous, slope, value, float(grad_new @ s))
         chain["next_theta"] = [float(t) for t in theta + fraction * s]
         self._count_backtrack(chain)
+
+    def _remember(self, chain, s, y):
+        """Adds the secant pair ``(s, y)`` to the memory if it shows positive
+        curvature (else BFGS would lose positive definiteness); returns whether."""
+        curved = float(s @ y) > 1e-12 * float(np.linalg.norm(s) * np.linalg.norm(y))
+        if curved:
+            chain["memory_s"] = [*chain["memory_s"], [float(v) for v in s]][-self.memory :]
+            chain["memory_y"] = [*chain["memory_y"], [float(v) for v in y]][-self.memory :]
+        return curved
 
     def _store_point(self, chain, theta, value, grad):
         chain["theta"] = [float(t) for t in theta]
@@ -510,7 +528,8 @@ class HypergradientOracle(keras_tuner.Oracle):
 
     def _quasi_newton_step(self, chain, grad, lo, hi, radius, curved=False):
         """Next point from the accepted one (``grad``: the model's gradient there):
-        the L-BFGS step, at most ``radius`` long."""
+        the L-BFGS step, with one initial curvature per hyperparameter, scaled down
+        (direction kept) until no log hyperparameter moves by more than ``radius``."""
         theta = np.asarray(chain["theta"])
         grad = _projected(theta, grad, lo, hi)
         blocked = grad == 0.0  # at a bound and pushed out of it (or flat)
@@ -523,7 +542,12 @@ class HypergradientOracle(keras_tuner.Oracle):
             move = -grad * (self.first_step / scale)
             radius = self.first_step
         elif curved and chain["memory_s"]:
-            move = -_two_loop(grad, chain["memory_s"], chain["memory_y"])
+            memory_s, memory_y = chain["memory_s"], chain["memory_y"]
+            inverse = _coordinate_inverse_curvature(memory_s, memory_y)
+            # Hyperparameters no pair measured: the usual L-BFGS scale s.y / y.y.
+            s, y = np.asarray(memory_s[-1]), np.asarray(memory_y[-1])
+            inverse[np.isnan(inverse)] = float(s @ y) / float(y @ y)
+            move = -_two_loop(grad, memory_s, memory_y, inverse)
             move[blocked] = 0.0
             if not float(move @ grad) < 0.0:  # not a descent direction: steepest
                 move = -grad * (radius / scale)
@@ -582,8 +606,33 @@ def _projected(theta, grad, lo, hi):
     return grad
 
 
-def _two_loop(grad, memory_s, memory_y):
-    """L-BFGS two-loop recursion: approximate inverse Hessian times ``grad``."""
+def _along(vector, direction):
+    """Cosine of the angle between two vectors (1 for a single hyperparameter)."""
+    norms = float(np.linalg.norm(vector) * np.linalg.norm(direction))
+    return float(vector @ direction) / norms if norms > 0.0 else 0.0
+
+
+def _coordinate_inverse_curvature(memory_s, memory_y, share=0.25):
+    """Per log hyperparameter, ``s_i / y_i`` of the newest secant pair that moved it by
+    at least ``share`` of the pair's largest move and saw its derivative grow along
+    the move (positive curvature); NaN where no pair did.
+
+    The usual L-BFGS starting scale ``s.y / y.y`` is one number for all: with
+    penalties of very different curvature (a sharp l1 valley, a nearly flat l2 slope)
+    it makes the flat one crawl. Coupling between hyperparameters is left to the
+    secant pairs of the two-loop recursion."""
+    inverse = np.full(len(memory_s[-1]), np.nan)
+    for s, y in zip(reversed(memory_s), reversed(memory_y), strict=True):
+        s, y = np.asarray(s), np.asarray(y)
+        moved = np.abs(s) >= share * float(np.max(np.abs(s)))
+        usable = np.isnan(inverse) & moved & (s * y > 0.0)
+        inverse[usable] = s[usable] / y[usable]
+    return inverse
+
+
+def _two_loop(grad, memory_s, memory_y, initial_inverse):
+    """L-BFGS two-loop recursion: approximate inverse Hessian times ``grad``, from the
+    diagonal ``initial_inverse``."""
     pairs = [(np.asarray(s), np.asarray(y)) for s, y in zip(memory_s, memory_y, strict=True)]
     q = grad.copy()
     alphas = []
@@ -592,8 +641,7 @@ def _two_loop(grad, memory_s, memory_y):
         alpha = rho * float(s @ q)
         q -= alpha * y
         alphas.append((rho, alpha))
-    s, y = pairs[-1]
-    q *= float(s @ y) / float(y @ y)
+    q *= initial_inverse
     for (s, y), (rho, alpha) in zip(pairs, reversed(alphas), strict=True):
         beta = rho * float(y @ q)
         q += (alpha - beta) * s

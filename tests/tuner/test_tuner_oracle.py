@@ -247,3 +247,46 @@ def test_cubic_minimizer_matches_the_interpolating_cubic():
     (expected,) = roots
     got = _cubic_minimizer(poly(0.0), slope(0.0), poly(1.0), slope(1.0))
     assert got == pytest.approx(expected, rel=1e-10)
+
+
+class ValleyTuner(QuadraticTuner):
+    """A log-space quadratic whose curvatures differ 400-fold: a sharp valley in a,
+    a shallow bowl in b (like the l1 and l2 penalties of an ElasticNet)."""
+
+    def run_trial(self, trial, verbose=None):
+        return super().run_trial(trial, scales=(100.0, 0.25))
+
+
+def test_coordinate_inverse_curvature_takes_the_newest_pair_per_coordinate():
+    from keras_implicit.tuner.oracle import _coordinate_inverse_curvature
+
+    memory_s = [[1.0, 1.0, 0.0], [2.0, 0.1, -1.0]]
+    memory_y = [[4.0, 0.5, 1.0], [1.0, 5.0, 3.0]]
+    got = _coordinate_inverse_curvature(memory_s, memory_y)
+    # a: newest pair, 2 / 1. b: the newest pair barely moved it (0.1 < 0.25 * 2), the
+    # older one measured 1 / 0.5. c: the newest pair shows negative curvature, the
+    # older one did not move it: unmeasured.
+    np.testing.assert_allclose(got[:2], [2.0, 2.0])
+    assert np.isnan(got[2])
+
+
+def test_resume_continues_the_quasi_newton_memory(tmp_path):
+    # Stop after 5 trials, when the chain holds secant pairs; a fresh oracle given
+    # the saved state proposes exactly what the uninterrupted run proposes next.
+    reference = HypergradientOracle(max_trials=9, patience=40, hyperparameters=toy_space())
+    ValleyTuner(oracle=reference, directory=str(tmp_path), project_name="ref").search(verbose=0)
+    expected = [reference.trials[t].hyperparameters.values for t in reference.start_order]
+
+    first = HypergradientOracle(max_trials=5, patience=40, hyperparameters=toy_space())
+    ValleyTuner(oracle=first, directory=str(tmp_path), project_name="cut").search(verbose=0)
+    chain = first._chains["tuner0"]
+    assert len(chain["memory_s"]) >= 2 and chain["next_theta"] is not None
+    resumed = HypergradientOracle(max_trials=9, patience=40, hyperparameters=toy_space())
+    tuner = ValleyTuner(oracle=resumed, directory=str(tmp_path), project_name="cut")
+    assert resumed._chains["tuner0"]["memory_s"] == chain["memory_s"]
+    tuner.search(verbose=0)
+    got = [resumed.trials[t].hyperparameters.values for t in resumed.start_order]
+    assert len(got) == len(expected) == 9
+    for a, b in zip(got, expected, strict=True):
+        assert a["a"] == pytest.approx(b["a"], rel=1e-12)
+        assert a["b"] == pytest.approx(b["b"], rel=1e-12)

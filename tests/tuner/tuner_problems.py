@@ -43,3 +43,21 @@ def grid_best_mse(x, y, x_val, y_val, n_alphas=120, low=1e-4):
         model = Lasso(alpha=alpha, tol=1e-10, max_iter=100_000).fit(x, y)
         best = min(best, float(np.mean((model.predict(x_val) - y_val) ** 2)))
     return best
+
+
+def grid_best_elasticnet_mse(x, y, x_val, y_val, n_per_axis=20, low=1e-4):
+    """Best held-out MSE of scikit-learn's ElasticNet over a dense log grid of (l1, l2)
+    in [low, 1] * alpha_max x [low, 1] * (mean feature variance), LassoTuner's bounds."""
+    from sklearn.linear_model import ElasticNet
+
+    centered = x - x.mean(axis=0)
+    alpha_max = np.max(np.abs(centered.T @ (y - y.mean()))) / x.shape[0]
+    variance = float(np.mean(np.var(x, axis=0)))
+    best = np.inf
+    for l1 in alpha_max * np.geomspace(low, 1.0, n_per_axis):
+        for l2 in variance * np.geomspace(low, 1.0, n_per_axis):
+            # scikit-learn: alpha * l1_ratio * |b|_1 + alpha * (1 - l1_ratio) / 2 * |b|^2
+            model = ElasticNet(alpha=l1 + l2, l1_ratio=l1 / (l1 + l2), tol=1e-10, max_iter=100_000)
+            model.fit(x, y)
+            best = min(best, float(np.mean((model.predict(x_val) - y_val) ** 2)))
+    return best
