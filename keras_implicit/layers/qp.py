@@ -318,7 +318,11 @@ class QuadraticProgram(keras.layers.Layer):
       max_iter: maximum ADMM iterations. rho, sigma, alpha: ADMM step, proximal
         regularization and over-relaxation (OSQP's meaning). check_interval:
         iterations between convergence checks / rho updates. polish: finish with a
-        direct KKT solve on the detected active set.
+        direct KKT solve on the detected active set. scaling: passes of Ruiz
+        equilibration (OSQP's problem scaling) before ADMM, so that problems whose
+        variables or constraints are in very different units do not need many more
+        iterations; 0 turns it off. Tolerances, duals and outputs are always in the
+        original units.
       on_failure: "warn" (default), "raise" or "ignore" for rows not solved (same
         semantics as `ki.fixed_point`; under XLA read the status instead).
 
@@ -348,6 +352,7 @@ class QuadraticProgram(keras.layers.Layer):
         alpha=1.6,
         check_interval=25,
         polish=True,
+        scaling=10,
         on_failure="warn",
         **kwargs,
     ):
@@ -389,6 +394,7 @@ class QuadraticProgram(keras.layers.Layer):
             alpha=_validation.float_in_range("alpha", alpha, 0.0, 2.0, low_open=True),
             check_interval=_validation.positive_int("check_interval", check_interval),
             polish=bool(polish),
+            scaling=_validation.non_negative_int("scaling", scaling),
         )
         if alpha >= 2.0:
             raise ValueError(f"`alpha` must be in (0, 2). Received: alpha={alpha!r}")
@@ -540,6 +546,7 @@ class QuadraticProgram(keras.layers.Layer):
             alpha=s.alpha,
             check_interval=s.check_interval,
             polish=s.polish,
+            scaling=s.scaling,
             on_failure=self.on_failure,
         )
         return config
