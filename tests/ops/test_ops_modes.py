@@ -208,3 +208,21 @@ def test_last_axis_sum_matches_numpy(shape, dtype, mode, rng):
         tape.watch(x)
         total = tf.reduce_sum(_common.sum_last(x))
     np.testing.assert_array_equal(tape.gradient(total, x).numpy(), np.ones(shape))
+
+
+@pytest.mark.parametrize("accelerator", [False, True])
+def test_last_axis_sum_is_a_reduction_where_matmuls_lose_precision(accelerator, monkeypatch):
+    # GPUs (TensorFloat-32) and TPUs (bfloat16 passes) run float32 products at ~1e-3
+    # precision by default: there float32 sums stay reductions, float64 ones need not.
+    from keras_implicit import _structure
+
+    monkeypatch.setattr(_structure, "_accelerator_visible", lambda: accelerator)
+    ops_used = {}
+    for dtype in ("float32", "float64"):
+        graph = tf.function(_structure.row_sum).get_concrete_function(
+            tf.TensorSpec([None, 5], dtype)
+        )
+        ops_used[dtype] = {op.type for op in graph.graph.get_operations()}
+    assert ("MatMul" in ops_used["float32"]) is not accelerator
+    assert ("Sum" in ops_used["float32"]) is accelerator
+    assert "MatMul" in ops_used["float64"]
