@@ -55,9 +55,22 @@ def _inverse_diagonal(H):
     return diag, tf.where(positive, 1.0 / tf.where(positive, diag, 1.0), tf.zeros_like(diag))
 
 
-def _cd_epoch(H, inv_diag, alphas, beta, grad, size):
-    """One cyclic pass over the first ``size`` coordinates; ``grad = H beta - c`` is
-    kept up to date (O(W) per change). ``inv_diag_j = 0`` marks a padded column."""
+def cd_epoch(H, grad, beta, alphas, inv_diag, size):
+    """One cyclic CD epoch from ``beta`` given ``grad = H beta - c``: the XLA kernel
+    of the Lasso working-set driver.
+
+    The caller supplies the gradient (it carries ``H beta`` from block to block) and
+    ``1 / diag(H)`` (0 marks padding), and ``size`` (int32 scalar) limits the epoch to
+    the first ``size`` coordinates, so one compiled width serves every smaller working
+    set padded into it: the tail of ``beta`` and ``inv_diag`` must be zero, while the
+    tail of ``H`` and ``grad`` is never read. Kept to a single epoch without a matrix
+    product: Python tracing plus XLA compilation take ~0.3 s for this function against
+    ~0.7 s for the five-epoch ``cd_epochs`` on the shared 2-core CPU of this project,
+    and the four extra calls per Anderson block cost ~0.2 ms.
+
+    ``grad`` is updated with each coordinate change (O(W) per change). Returns
+    ``(beta, grad)`` after the epoch.
+    """
     width = tf.shape(H)[0]
 
     def coordinate(j, beta, grad):
@@ -79,24 +92,6 @@ def _cd_epoch(H, inv_diag, alphas, beta, grad, size):
     return beta, grad
 
 
-def cd_epoch(H, grad, beta, alphas, inv_diag, size):
-    """One cyclic CD epoch from ``beta`` given ``grad = H beta - c``: the XLA kernel
-    of the Lasso working-set driver.
-
-    The caller supplies the gradient (it carries ``H beta`` from block to block) and
-    ``1 / diag(H)`` (0 marks padding), and ``size`` (int32 scalar) limits the epoch to
-    the first ``size`` coordinates, so one compiled width serves every smaller working
-    set padded into it: the tail of ``beta`` and ``inv_diag`` must be zero, while the
-    tail of ``H`` and ``grad`` is never read. Kept to a single epoch without a matrix
-    product: Python tracing plus XLA compilation take ~0.3 s for this function against
-    ~0.7 s for the five-epoch ``cd_epochs`` on the shared 2-core CPU of this project,
-    and the four extra calls per Anderson block cost ~0.2 ms.
-
-    Returns ``(beta, grad)`` after the epoch.
-    """
-    return _cd_epoch(H, inv_diag, alphas, beta, grad, size)
-
-
 def cd_epochs_from_gradient(H, grad, beta, alphas, inv_diag, size):
     """``ANDERSON_MEMORY`` epochs of ``cd_epoch`` in one graph (same arguments).
 
@@ -110,7 +105,7 @@ def cd_epochs_from_gradient(H, grad, beta, alphas, inv_diag, size):
         return tf.one_hot(k, memory, dtype=row.dtype)[:, None] * row[None, :]
 
     def one_epoch(k, beta, grad, rows, grads):
-        beta, grad = _cd_epoch(H, inv_diag, alphas, beta, grad, size)
+        beta, grad = cd_epoch(H, grad, beta, alphas, inv_diag, size)
         return k + 1, beta, grad, rows + place(k + 1, beta), grads + place(k + 1, grad)
 
     _, _, _, rows, grads = tf.while_loop(
