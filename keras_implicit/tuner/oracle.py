@@ -89,7 +89,11 @@ class HypergradientOracle(keras_tuner.Oracle):
       minimizer of the cubic that matches the objective and its slope at both ends
       of the rejected step; the rejected step's secant pair is kept. Bounds: a
       hyperparameter at a bound and pushed out of it does not move; the others do,
-      projected onto the bounds.
+      projected onto the bounds. Plateaus: when hyperparameters' derivatives become
+      exactly zero on an accepted step (a penalty that switched off all of its
+      features), the next trial moves only them back to their previous values,
+      since a zero gradient cannot tell whether their minimum lay before the plateau;
+      the backtracking rule then searches the segment if that probe is worse.
     - ``"line_search"`` (the behavior before ``quasi_newton`` existed; sparse-ho
       style): a step is kept when the objective decreased enough, else the step
       shrinks by quadratic interpolation and is tried again; accepted steps adapt
@@ -498,6 +502,16 @@ class HypergradientOracle(keras_tuner.Oracle):
                 # points elsewhere, the quasi-Newton step below uses that information.
                 fraction = _cubic_minimizer(previous, slope, value, end_slope)
                 chain["next_theta"] = [float(t) for t in theta + fraction * s]
+                return
+            flat = (grad_new == 0.0) & (grad != 0.0) & (s != 0.0)
+            if flat.any():
+                # These hyperparameters went onto a plateau on this step (a Lasso
+                # penalty that switched off all of its features): a zero derivative
+                # cannot tell whether their minimum lay before the plateau's edge, and
+                # no later gradient step would move them. Probe: the next trial moves
+                # only them back to where their derivative was last measured; if that
+                # is worse, the backtracking below searches the segment in between.
+                chain["next_theta"] = [float(t) for t in np.where(flat, theta, theta_new)]
                 return
             radius = self.max_growth * float(np.max(np.abs(s)))
             chain["next_theta"] = self._quasi_newton_step(chain, grad_new, lo, hi, radius, curved)

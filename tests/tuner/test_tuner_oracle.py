@@ -290,3 +290,40 @@ def test_resume_continues_the_quasi_newton_memory(tmp_path):
     for a, b in zip(got, expected, strict=True):
         assert a["a"] == pytest.approx(b["a"], rel=1e-12)
         assert a["b"] == pytest.approx(b["b"], rel=1e-12)
+
+
+PLATEAU_EDGE = 0.5  # b above it: the objective is flat in b (like a switched-off group)
+
+
+class PlateauTuner(QuadraticTuner):
+    """The quadratic with a flat region: b is clipped at PLATEAU_EDGE before the
+    objective is evaluated, so its derivative is exactly zero above the edge."""
+
+    def run_trial(self, trial, verbose=None):
+        t_a = np.log(trial.hyperparameters.get("a")) - np.log(TARGET["a"])
+        t_b = np.log(min(trial.hyperparameters.get("b"), PLATEAU_EDGE)) - np.log(0.3)
+        slope_b = 4.0 * t_b if trial.hyperparameters.get("b") < PLATEAU_EDGE else 0.0
+        return {
+            "val_criterion": 1.0 + 0.5 * t_a**2 + 2.0 * t_b**2,
+            gradient_metric("a"): t_a,
+            gradient_metric("b"): slope_b,
+        }
+
+
+def test_quasi_newton_probes_back_from_a_plateau(tmp_path):
+    # From the defaults (b = 0.1, steepest), the first step raises b by one decade, to
+    # 1.0: past the edge, where its derivative is zero although its minimizer (0.3)
+    # lies before the edge. The step is accepted (the objective decreased); the next
+    # trial moves b alone back to 0.1 (worse: the backtracking then searches between
+    # 0.1 and 1.0), and the search ends at the minimizer. Without the probe it stopped
+    # after 6 trials with b still 1.0 (objective 1.52 against 1.0).
+    oracle = HypergradientOracle(max_trials=25, hyperparameters=toy_space())
+    tuner = PlateauTuner(oracle=oracle, directory=str(tmp_path), project_name="flat")
+    tuner.search(verbose=0)
+    values = [oracle.trials[t].hyperparameters.values for t in oracle.start_order]
+    assert values[1]["b"] == pytest.approx(1.0, rel=1e-9)
+    assert values[2]["b"] == pytest.approx(0.1, rel=1e-9)
+    assert values[2]["a"] == pytest.approx(values[1]["a"], rel=1e-12)
+    assert 0.1 < values[3]["b"] < PLATEAU_EDGE
+    assert best_values(tuner)["b"] == pytest.approx(0.3, rel=0.05)
+    assert best_values(tuner)["a"] == pytest.approx(TARGET["a"], rel=0.05)
