@@ -13,13 +13,17 @@ Problems (held-out MSE, half of the samples for training, half for validation):
   (``WeightedLasso`` with ``penalty_groups``, as IPF-Lasso tunes penalty factors per
   data modality). Four hyperparameters: a blind search's chance to land near the
   optimum falls with the dimension, while a hypergradient costs the same per trial.
+- ``multisource_6groups``: the same with six sources (10, 5, 2, 0, 8 and 3
+  informative features). Added when it exposed a plateau: a first step that
+  switches off every feature of a source leaves its penalty with a zero gradient
+  (see the plateau probe of ``HypergradientOracle``).
 
 For each problem, the target is the best held-out MSE of scikit-learn (tight
 tolerance) over a dense log grid of the penalties: 120 penalties in
 [1e-4, 1] * alpha_max for the Lasso; for the ElasticNet (l1, l2) a 30 x 30 grid
 over [1e-4, 1] * alpha_max times [1e-4, 1] * (mean feature variance), which are
 also the bounds every tuner searches. A dense 4-D grid is out of reach, so for the
-four sources the target is the best of a 120-point grid of one shared penalty,
+grouped sources the target is the best of a 120-point grid of one shared penalty,
 refined by Nelder-Mead over the four log penalties (scikit-learn fits, derivative
 free: independent of the hypergradient); the tuners search
 [1e-4, 1] * alpha_max per source. Every tuner searches the same space with the same trial
@@ -81,6 +85,7 @@ def problems(quick):
         half = n // 2
         out.append((name, estimator, x[:half], y[:half], x[half:], y[half:], None))
     out.append(("multisource_4groups", "grouped", *multisource()))
+    out.append(("multisource_6groups", "grouped", *multisource(informative=(10, 5, 2, 0, 8, 3))))
     return out
 
 
@@ -187,8 +192,10 @@ def make_oracle(kind, budget, space, seed):
     if kind == "hypergradient_line_search":  # the previous default policy
         return ki.tuner.HypergradientOracle(max_trials=budget, policy="line_search")
     if kind == "grid":
-        # A product grid of log-spaced points per penalty covering the whole range.
-        per_axis = int(budget ** (1.0 / len(space)) + 1e-9)
+        # A product grid of log-spaced points per penalty covering the whole range
+        # (at least the two bounds per axis: with many penalties the budget then
+        # covers only part of the grid, in keras-tuner's order).
+        per_axis = max(2, int(budget ** (1.0 / len(space)) + 1e-9))
         for name, (low, high) in space.items():
             ratio = (high / low) ** (1.0 / (per_axis - 1))
             hp.Float(name, low, high * 1.0001, sampling="log", step=ratio, default=low)
@@ -251,6 +258,12 @@ def median_or_none(values, budget):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        metavar="PROBLEM",
+        help="run only these problems and merge them into the existing results file",
+    )
     args = parser.parse_args()
     budget = 15 if args.quick else 40
     # Random search is cheap: more seeds steady its median. Bayesian optimization
@@ -264,8 +277,19 @@ def main():
         "machine": platform.platform(),
         "problems": {},
     }
+    selected = problems(args.quick)
+    if args.only:
+        unknown = set(args.only) - {spec[0] for spec in selected}
+        if unknown:
+            parser.error(f"unknown problems {sorted(unknown)}")
+        selected = [spec for spec in selected if spec[0] in args.only]
+        previous = RESULTS / ("tuner_quick.json" if args.quick else "tuner.json")
+        if previous.exists():
+            kept = json.loads(previous.read_text())["problems"]
+            names = [spec[0] for spec in problems(args.quick)]  # keep the problems' order
+            report["problems"] = {k: kept[k] for k in names if k in kept and k not in args.only}
     with tempfile.TemporaryDirectory() as directory:
-        for name, estimator, x, y, x_val, y_val, groups in problems(args.quick):
+        for name, estimator, x, y, x_val, y_val, groups in selected:
             target = grid_best(estimator, x, y, x_val, y_val, groups)
             data = (x, y, x_val, y_val, groups)
             # Untimed warm-up: the first fits in a process pay for tracing/compiling
@@ -327,8 +351,9 @@ def write(report, quick):
         f"and Bayesian (a miss counts as {budget} + 1); '>{budget}' = not reached. Same "
         "Tuner, search space and trial cost for all oracles; target = best held-out MSE "
         "of scikit-learn over a dense log grid (Lasso: 120 penalties; ElasticNet: 30 x 30 "
-        "penalties; four sources: 120 shared penalties refined by Nelder-Mead over the "
-        "four, see the module docstring). HypergradientOracle with its defaults "
+        "penalties; several sources: 120 shared penalties refined by Nelder-Mead over "
+        "the per-source penalties, see the module docstring). HypergradientOracle with "
+        "its defaults "
         "(policy='quasi_newton'). "
         "Machine: " + report["machine"],
         "",
