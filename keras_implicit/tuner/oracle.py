@@ -73,10 +73,11 @@ class HypergradientOracle(keras_tuner.Oracle):
 
     - ``"quasi_newton"`` (default): a trust-region-like quasi-Newton search built to
       move fast far from the optimum. The first step goes ``first_step`` log units
-      (Euclidean length; default one decade) down the gradient. Every accepted trial (sufficient decrease of the objective) adds the
-      secant pair (change of log values, change of gradient) to an L-BFGS memory and
-      the next step is the quasi-Newton step; with one hyperparameter this is the
-      secant method on the derivative, which converges in a few trials. The L-BFGS
+      (Euclidean length; default one decade) down the gradient. Every accepted trial
+      (sufficient decrease of the objective) adds the secant pair (change of log
+      values, change of gradient) to an L-BFGS memory and the next step is the
+      quasi-Newton step; with one hyperparameter this is the secant method on the
+      derivative, which converges in a few trials. The L-BFGS
       recursion starts from one curvature per hyperparameter (from the newest pair
       that moved it), not one shared scale: penalties of very different curvature
       (a sharp l1 valley, a flat l2 slope) then each take their own Newton step. A
