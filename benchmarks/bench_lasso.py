@@ -1,7 +1,8 @@
 """Hypergradient search of Lasso penalties vs grid search (scikit-learn, celer).
 
-For AR(1)-correlated designs with a sparse truth (n=500, p=5000, rho=0.5, 50 nonzeros,
-and a smaller n=200, p=1000 one) this measures
+For AR(1)-correlated designs with a sparse truth (n=500, p=5000, rho=0.5, 50 nonzeros;
+a smaller n=200, p=1000 one; a wide n=500, p=20000 one, where only the warm-started
+path is timed as a baseline) this measures
   - wall time of scikit-learn's 100-alpha held-out path and of ``LassoCV`` (100 alphas,
     the same 5 contiguous folds), and of celer's path when celer is installed; the
     path is timed twice: in this process after TensorFlow has run (up to 3x slower in
@@ -19,7 +20,7 @@ and a smaller n=200, p=1000 one) this measures
 Ratios are printed and written to benchmarks/results/lasso.json and lasso.md
 (lasso_quick.* with --quick).
 
-    python benchmarks/bench_lasso.py [--quick]
+    python benchmarks/bench_lasso.py [--quick] [--only large small wide]
 """
 
 from __future__ import annotations
@@ -84,10 +85,11 @@ def sklearn_grid(X, y, X_val, y_val, alphas):
     return np.array(values), time.perf_counter() - tic
 
 
-def sklearn_grid_clean(n, p, rho, k, seed, a_max):
-    """``sklearn_grid`` timed in a fresh process without TensorFlow (best of 2)."""
+def sklearn_grid_clean(n, p, rho, k, seed, a_max, grid_search=True):
+    """``sklearn_grid`` timed in a fresh process without TensorFlow (best of 2), and
+    the ``GridSearchCV`` of independent fits unless ``grid_search`` is False."""
     command = [sys.executable, os.path.abspath(__file__), "--grid-only"]
-    command += [",".join(str(v) for v in (n, p, rho, k, seed)), repr(a_max)]
+    command += [",".join(str(v) for v in (n, p, rho, k, seed, int(grid_search))), repr(a_max)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     out = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -115,14 +117,16 @@ def sklearn_grid_search(X_all, y_all, alphas):
 
 
 def _grid_only(spec, a_max):
-    n, p, k, seed = (int(v) for v in np.array(spec.split(","))[[0, 1, 3, 4]])
+    n, p, k, seed, grid_search = (int(v) for v in np.array(spec.split(","))[[0, 1, 3, 4, 5]])
     rho = float(spec.split(",")[2])
     X_all, y_all, _ = ar1_design(2 * n, p, rho, k, seed=seed)
     X, y, X_val, y_val = split(X_all, y_all)
     alphas = float(a_max) * np.logspace(0, -3, N_ALPHAS)
     runs = [sklearn_grid(X, y, X_val, y_val, alphas) for _ in range(2)]
     values, _ = runs[0]
-    search_best, search_seconds = sklearn_grid_search(X_all, y_all, alphas)
+    search_best, search_seconds = (
+        sklearn_grid_search(X_all, y_all, alphas) if grid_search else (None, None)
+    )
     summary = {
         "seconds": min(t for _, t in runs),
         "best_value": float(values.min()),
@@ -175,22 +179,41 @@ def run_search(X, y, criterion, start, max_iter=30):
 
 
 def hypergradient_vs_solve(X, y, criterion, alpha, repeats=5):
-    """Median times of one inner solve from zero and one hypergradient from it."""
+    """Median times of one inner solve from zero and of one hypergradient at its
+    solution, measured two ways:
+      - standalone public calls (``fit``, then ``hypergradient(coef=...)``): each
+        converts (X, y) to a centered float64 design first (~0.13 s at p=20000);
+      - as inside ``search``, where a state dict keeps the converted data: the solve
+        on prepared data (``_fit_prepared``, what ``search`` runs) and the
+        hypergradient given that state.
+    """
     model = L.Lasso(alpha=alpha)
     model.fit(X, y)  # compile for this working-set size
-    solves, grads = [], []
+    data = model._prepare_checked(X, y)
+    state = {}
+    L.hypergradient(model, criterion, X, y, coef=model.coef_, state=state)  # converts once
+    times = {"solve": [], "hypergradient": [], "solve_prepared": [], "hypergradient_state": []}
     for _ in range(repeats):
         fresh = L.Lasso(alpha=alpha)
         tic = time.perf_counter()
         fresh.fit(X, y)
-        solves.append(time.perf_counter() - tic)
+        times["solve"].append(time.perf_counter() - tic)
         tic = time.perf_counter()
         L.hypergradient(fresh, criterion, X, y, coef=fresh.coef_, intercept=fresh.intercept_)
-        grads.append(time.perf_counter() - tic)
-    return float(np.median(solves)), float(np.median(grads)), int(np.count_nonzero(fresh.coef_))
+        times["hypergradient"].append(time.perf_counter() - tic)
+        fresh = L.Lasso(alpha=alpha)
+        tic = time.perf_counter()
+        fresh._fit_prepared(data, None)
+        times["solve_prepared"].append(time.perf_counter() - tic)
+        tic = time.perf_counter()
+        L.hypergradient(fresh, criterion, X, y, coef=fresh.coef_, state=state)
+        times["hypergradient_state"].append(time.perf_counter() - tic)
+    out = {key: float(np.median(values)) for key, values in times.items()}
+    out["support_size"] = int(np.count_nonzero(fresh.coef_))
+    return out
 
 
-def scenario(name, n, p, rho, k, cv_folds, do_cv, seed=0):
+def scenario(name, n, p, rho, k, cv_folds, do_cv, grid_search=True, seed=0):
     print(f"\n== {name}: n={n} (train) + {n} (validation), p={p}, rho={rho}, {k} nonzeros")
     X_all, y_all, _ = ar1_design(2 * n, p, rho, k, seed=seed)
     X, y, X_val, y_val = split(X_all, y_all)
@@ -209,13 +232,17 @@ def scenario(name, n, p, rho, k, cv_folds, do_cv, seed=0):
         "best_alpha": float(alphas[np.argmin(grid_values)]),
         "seconds": grid_time,
     }
-    clean = sklearn_grid_clean(n, p, rho, k, seed, a_max)
+    clean = sklearn_grid_clean(n, p, rho, k, seed, a_max, grid_search)
     out["grid_without_tensorflow"] = clean
+    independent = (
+        "not run"
+        if clean["grid_search_seconds"] is None
+        else f"{clean['grid_search_seconds']:.2f} s (best {clean['grid_search_best_value']:.4f})"
+    )
     print(
         f"grid in this process {grid_time:.2f} s, in a process without TensorFlow "
         f"{clean['seconds']:.2f} s (best {clean['best_value']:.4f}); GridSearchCV of "
-        f"independent fits {clean['grid_search_seconds']:.2f} s "
-        f"(best {clean['grid_search_best_value']:.4f})"
+        f"independent fits {independent}"
     )
     for label, result, total in (
         ("search_cold", cold, cold_total),
@@ -233,7 +260,7 @@ def scenario(name, n, p, rho, k, cv_folds, do_cv, seed=0):
             if reached is None
             else clean["seconds"] / reached,
             "speedup_vs_grid_search_of_independent_fits": None
-            if reached is None
+            if reached is None or clean["grid_search_seconds"] is None
             else clean["grid_search_seconds"] / reached,
         }
         print(
@@ -247,18 +274,24 @@ def scenario(name, n, p, rho, k, cv_folds, do_cv, seed=0):
         out["celer_grid"] = {"best_value": float(celer_values.min()), "seconds": celer_time}
         print(f"celer 100-alpha path: {celer_time:.2f} s (best {celer_values.min():.4f})")
 
-    solve_t, grad_t, support = hypergradient_vs_solve(X, y, criterion, warm.best_penalties[0])
+    timing = hypergradient_vs_solve(X, y, criterion, warm.best_penalties[0])
     out["hypergradient"] = {
-        "solve_seconds": solve_t,
-        "hypergradient_seconds": grad_t,
-        "ratio": grad_t / solve_t,
-        "support_size": support,
+        "solve_seconds": timing["solve"],
+        "hypergradient_seconds": timing["hypergradient"],
+        "ratio_standalone": timing["hypergradient"] / timing["solve"],
+        "solve_prepared_seconds": timing["solve_prepared"],
+        "hypergradient_with_state_seconds": timing["hypergradient_state"],
+        "ratio": timing["hypergradient_state"] / timing["solve_prepared"],
+        "support_size": timing["support_size"],
     }
     print(
-        f"hypergradient {grad_t * 1e3:.1f} ms vs inner solve {solve_t * 1e3:.1f} ms "
-        f"(ratio {grad_t / solve_t:.2f}, |S|={support})"
+        f"hypergradient {timing['hypergradient_state'] * 1e3:.1f} ms vs inner solve "
+        f"{timing['solve_prepared'] * 1e3:.1f} ms on converted data, as in a search "
+        f"(ratio {out['hypergradient']['ratio']:.2f}); standalone calls "
+        f"{timing['hypergradient'] * 1e3:.1f} ms vs {timing['solve'] * 1e3:.1f} ms "
+        f"(ratio {out['hypergradient']['ratio_standalone']:.2f}); "
+        f"|S|={timing['support_size']}"
     )
-
     if do_cv:
         cv_best, cv_time = sklearn_lasso_cv(X_all, y_all, alphas, cv_folds)
         tic = time.perf_counter()
@@ -348,7 +381,8 @@ def write(results):
         "| design | grid (s) | grid w/o TF (s) | search to 1% cold (s) | warm (s) | "
         "speedup cold / warm | speedup vs grid w/o TF cold / warm | "
         "GridSearchCV (s) | speedup vs GridSearchCV cold | "
-        "hypergradient / solve | LassoCV (s) | CV search to 1% (s) |",
+        "hypergradient / solve in a search (standalone) | LassoCV (s) | "
+        "CV search to 1% (s) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for key, s in results["scenarios"].items():
@@ -368,7 +402,9 @@ def write(results):
             f"{fmt(s['search_warm']['speedup_vs_grid_without_tensorflow'], 1)} | "
             f"{fmt(s['grid_without_tensorflow']['grid_search_seconds'])} | "
             f"{fmt(s['search_cold']['speedup_vs_grid_search_of_independent_fits'], 1)} | "
-            f"{fmt(s['hypergradient']['ratio'])} | {fmt(cv.get('lassocv_seconds'))} | "
+            f"{fmt(s['hypergradient']['ratio'])} "
+            f"({fmt(s['hypergradient'].get('ratio_standalone'))}) | "
+            f"{fmt(cv.get('lassocv_seconds'))} | "
             f"{fmt(cv.get('search_seconds_to_within_1pct'))} |"
         )
     w = results["weighted"]
@@ -378,8 +414,9 @@ def write(results):
         f"{w['weighted_validation']:.4f} vs best single alpha {w['single_validation']:.4f};"
         f" test MSE {w['weighted_test']:.4f} vs {w['single_test']:.4f}.",
         "",
-        "Cold = first search in a fresh process, XLA compilation included; warm = "
-        "the same search again. Grid = scikit-learn lasso_path (100 alphas, tol 1e-4) "
+        "Cold = first search in the process, XLA compilation included (only the first "
+        "design of a run, or each design run alone with --only, is in a fresh process); "
+        "warm = the same search again. Grid = scikit-learn lasso_path (100 alphas, tol 1e-4) "
         "+ held-out MSE, timed in this process after TensorFlow ran and, w/o TF, in a "
         "fresh subprocess that never imports TensorFlow (best of 2; what a scikit-learn "
         "user sees; in some runs the in-process path was 3x slower, in others not). "
@@ -397,6 +434,13 @@ def write(results):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny problems")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        metavar="DESIGN",
+        help="run only these designs (large, small, wide), in this fresh process (so "
+        "'cold' is cold), and merge them into the existing results file",
+    )
     parser.add_argument(
         "--grid-only",
         nargs=2,
@@ -417,12 +461,36 @@ def main(argv=None):
         "scenarios": {},
     }
     if args.quick:
-        specs = [("small", 60, 300, 0.5, 10, 3, True)]
+        specs = [("small", 60, 300, 0.5, 10, 3, True, True)]
     else:
-        specs = [("large", 500, 5000, 0.5, 50, 5, True), ("small", 200, 1000, 0.5, 20, 5, True)]
-    for name, n, p, rho, k, folds, do_cv in specs:
-        results["scenarios"][name] = scenario(name, n, p, rho, k, folds, do_cv)
-    results["weighted"] = weighted_scenario(50 if args.quick else 100, 40 if args.quick else 100)
+        # wide: the top of the issue's range of p; 100 independent fits would take
+        # minutes and 5-fold LassoCV as long, so only the warm-started path is timed.
+        specs = [
+            ("large", 500, 5000, 0.5, 50, 5, True, True),
+            ("small", 200, 1000, 0.5, 20, 5, True, True),
+            ("wide", 500, 20000, 0.5, 50, 5, False, False),
+        ]
+    previous = os.path.join(RESULTS, ("lasso_quick" if args.quick else "lasso") + ".json")
+    if args.only:
+        unknown = set(args.only) - {spec[0] for spec in specs}
+        if unknown:
+            parser.error(f"unknown designs {sorted(unknown)}")
+        if os.path.exists(previous):
+            with open(previous) as fh:
+                kept = json.load(fh)
+            results["scenarios"] = {
+                spec[0]: kept["scenarios"][spec[0]]
+                for spec in specs
+                if spec[0] in kept["scenarios"] and spec[0] not in args.only
+            }
+            results["weighted"] = kept.get("weighted")
+        specs = [spec for spec in specs if spec[0] in args.only]
+    for name, n, p, rho, k, folds, do_cv, grid_search in specs:
+        results["scenarios"][name] = scenario(name, n, p, rho, k, folds, do_cv, grid_search)
+    if not args.only or results.get("weighted") is None:
+        results["weighted"] = weighted_scenario(
+            50 if args.quick else 100, 40 if args.quick else 100
+        )
     results["load_average_1min_end"] = os.getloadavg()[0]
     write(results)
     stem = "lasso_quick" if args.quick else "lasso"
