@@ -22,10 +22,10 @@ For each problem, the target is the best held-out MSE of scikit-learn (tight
 tolerance) over a dense log grid of the penalties: 120 penalties in
 [1e-4, 1] * alpha_max for the Lasso; for the ElasticNet (l1, l2) a 30 x 30 grid
 over [1e-4, 1] * alpha_max times [1e-4, 1] * (mean feature variance), which are
-also the bounds every tuner searches. A dense 4-D grid is out of reach, so for the
-grouped sources the target is the best of a 120-point grid of one shared penalty,
-refined by Nelder-Mead over the four log penalties (scikit-learn fits, derivative
-free: independent of the hypergradient); the tuners search
+also the bounds every tuner searches. A dense grid in 4-6 dimensions is out of reach,
+so for the grouped sources the target is the best of a 120-point grid of one shared
+penalty, refined by Nelder-Mead over the per-source log penalties (scikit-learn fits,
+derivative free: independent of the hypergradient); the tuners search
 [1e-4, 1] * alpha_max per source. Every tuner searches the same space with the same trial
 budget through the same Tuner (``ki.tuner.LassoTuner``, so a trial costs the same for
 all); we record how many trials and how many seconds each needs to get within 1% of

@@ -77,11 +77,11 @@ class HypergradientOracle(keras_tuner.Oracle):
       (sufficient decrease of the objective) adds the secant pair (change of log
       values, change of gradient) to an L-BFGS memory and the next step is the
       quasi-Newton step; with one hyperparameter this is the secant method on the
-      derivative, which converges in a few trials. The L-BFGS
-      recursion starts from one curvature per hyperparameter (from the newest pair
-      that moved it), not one shared scale: penalties of very different curvature
-      (a sharp l1 valley, a flat l2 slope) then each take their own Newton step. A
-      step may be at most ``max_growth`` times longer than the last accepted one
+      derivative, which converges in a few trials. The L-BFGS recursion starts from
+      one curvature per hyperparameter (from the newest pair that moved it), not one
+      shared scale: penalties of very different curvature (a sharp l1 valley, a flat
+      l2 slope) then each take their own Newton step. A step may be at most
+      ``max_growth`` times longer than the last accepted one
       (largest change of a log hyperparameter; a longer step is shortened, its
       direction kept), and when the last pair shows no positive curvature (the
       gradient kept its sign and grew) the step grows by ``max_growth`` along the
