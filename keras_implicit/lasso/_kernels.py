@@ -162,7 +162,12 @@ def quadratic_gap(xtr, yr, rr, beta, alphas, l2, xp=np):
 
 def gram_gap(H, c, beta, alphas, yy, l2, xp=np):
     """Gap of the working-set problem from Gram quantities (no pass over the data)."""
-    gram_beta = xp.matmul(H, beta) - l2 * beta  # X^T X b / n
+    return gram_gap_from_product(xp.matmul(H, beta), c, beta, alphas, yy, l2, xp=xp)
+
+
+def gram_gap_from_product(hb, c, beta, alphas, yy, l2, xp=np):
+    """``gram_gap`` given ``hb = H beta`` (callers that carry the product skip it)."""
+    gram_beta = hb - l2 * beta  # X^T X b / n
     cb = xp.sum(c * beta)
     rr = xp.maximum(yy - 2.0 * cb + xp.sum(beta * gram_beta), 0.0)
     return quadratic_gap(c - gram_beta, yy - cb, rr, beta, alphas, l2, xp=xp)[0]

@@ -202,14 +202,6 @@ def _padded(vector, width, fill=0.0):
 # ---------------------------------------------------------------------------------
 # Squared loss (Lasso, elastic net, weighted Lasso)
 # ---------------------------------------------------------------------------------
-def _gram_gap(hb, c, beta, alphas, yy, l2):
-    """``gram_gap`` from a precomputed ``hb = H beta`` (numpy, no extra product)."""
-    gram_beta = hb - l2 * beta  # X^T X b / n
-    cb = float(np.sum(c * beta))
-    rr = max(yy - 2.0 * cb + float(np.sum(beta * gram_beta)), 0.0)
-    return float(_kernels.quadratic_gap(c - gram_beta, yy - cb, rr, beta, alphas, l2)[0])
-
-
 def solve_gram_problem(H, c, beta, alphas, yy, l2, tol, max_epochs, width=None):
     """CD + Anderson on ``1/2 b^T H b - c^T b + sum alphas |b|`` (numpy in and out).
 
@@ -248,7 +240,7 @@ def solve_gram_problem(H, c, beta, alphas, yy, l2, tol, max_epochs, width=None):
 
     beta = np.array(beta, dtype=np.float64)
     hb = exact_product(beta)
-    gap = _gram_gap(hb, c, beta, alphas, yy, l2)
+    gap = float(_kernels.gram_gap_from_product(hb, c, beta, alphas, yy, l2))
     epochs = blocks = 0
     exact = True
     while epochs < max_epochs:
@@ -256,7 +248,7 @@ def solve_gram_problem(H, c, beta, alphas, yy, l2, tol, max_epochs, width=None):
             if exact:
                 break
             hb, exact = exact_product(beta), True
-            gap = _gram_gap(hb, c, beta, alphas, yy, l2)
+            gap = float(_kernels.gram_gap_from_product(hb, c, beta, alphas, yy, l2))
             continue
         rows, grads = [beta], [hb - c]
         beta_tf = tf.constant(_padded(beta, width))
@@ -283,7 +275,7 @@ def solve_gram_problem(H, c, beta, alphas, yy, l2, tol, max_epochs, width=None):
         exact = False
         if blocks % EXACT_PRODUCT_EVERY == 0:
             hb, exact = exact_product(beta), True
-        gap = _gram_gap(hb, c, beta, alphas, yy, l2)
+        gap = float(_kernels.gram_gap_from_product(hb, c, beta, alphas, yy, l2))
     return beta, gap, epochs
 
 
