@@ -81,11 +81,10 @@ class HypergradientOracle(keras_tuner.Oracle):
       one curvature per hyperparameter (from the newest pair that moved it), not one
       shared scale: penalties of very different curvature (a sharp l1 valley, a flat
       l2 slope) then each take their own Newton step. A step may be at most
-      ``max_growth`` times longer than the last accepted one
-      (largest change of a log hyperparameter; a longer step is shortened, its
-      direction kept), and when the last pair shows no positive curvature (the
-      gradient kept its sign and grew) the step grows by ``max_growth`` along the
-      gradient instead. Only when the objective increases does it backtrack, to the
+      ``max_growth`` times longer than the last accepted one (largest change of a log
+      hyperparameter; a longer step is shortened, its direction kept), and when the
+      last pair shows no positive curvature (the gradient kept its sign and grew) the
+      step grows by ``max_growth`` along the gradient instead. Only when the objective increases does it backtrack, to the
       minimizer of the cubic that matches the objective and its slope at both ends
       of the rejected step; the rejected step's secant pair is kept. Bounds: a
       hyperparameter at a bound and pushed out of it does not move; the others do,
