@@ -84,11 +84,12 @@ class HypergradientOracle(keras_tuner.Oracle):
       ``max_growth`` times longer than the last accepted one (largest change of a log
       hyperparameter; a longer step is shortened, its direction kept), and when the
       last pair shows no positive curvature (the gradient kept its sign and grew) the
-      step grows by ``max_growth`` along the gradient instead. Only when the objective increases does it backtrack, to the
-      minimizer of the cubic that matches the objective and its slope at both ends
-      of the rejected step; the rejected step's secant pair is kept. Bounds: a
-      hyperparameter at a bound and pushed out of it does not move; the others do,
-      projected onto the bounds. Plateaus: when hyperparameters' derivatives become
+      step grows by ``max_growth`` along the gradient instead. Only when the
+      objective increases does it backtrack, to the minimizer of the cubic that
+      matches the objective and its slope at both ends of the rejected step; the
+      rejected step's secant pair is kept. Bounds: a hyperparameter at a bound and
+      pushed out of it does not move; the others do, projected onto the bounds.
+      Plateaus: when hyperparameters' derivatives become
       exactly zero on an accepted step (a penalty that switched off all of its
       features), the next trial moves only them back to their previous values,
       since a zero gradient cannot tell whether their minimum lay before the plateau;
