@@ -5,11 +5,12 @@ global duality gap, keeps the current support plus the features that violate the
 optimality conditions the most (score ``|X_j^T r / n - l2 b_j| / alpha_j``, as in
 celer / skglm) and solves the problem restricted to that working set: XLA runs the
 coordinate-descent epochs, the host does the bookkeeping between calls (duality gap,
-Anderson extrapolation; for the logistic loss the proximal-Newton Hessian and line
-search). Working sets are padded to widths 64 * 4^k, at least 1024 once p > 256, so
-that XLA compiles one shape per search in most cases (each costs ~0.3 s). The Gram
-block of the last working set is cached on the design: warm starts along a
-hyperparameter search share most of it.
+Anderson extrapolation, feature-sign steps that solve the support's linear system once
+the signs settle; for the logistic loss the proximal-Newton Hessian and line search).
+Working sets are padded to widths 64 * 4^k, at least 1024 once p > 256, so that XLA
+compiles one shape per search in most cases (each costs ~0.3 s). The Gram block of the
+last working set is cached on the design: warm starts along a hyperparameter search
+share most of it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import scipy.linalg
 import tensorflow as tf
 
 from keras_implicit.lasso import _kernels
@@ -33,6 +35,7 @@ SUBPROBLEM_GAP_FRACTION = 0.3  # solve working sets to this fraction of the glob
 MAX_EPOCHS = 20_000
 EXACT_PRODUCT_EVERY = 20  # see solve_gram_problem
 MAX_NEWTON = 100
+MAX_SIGN_STEPS = 8  # feature-sign steps per CD block, see _sign_pattern_descent
 
 _compiled = {}
 
@@ -208,10 +211,16 @@ def solve_gram_problem(H, c, beta, alphas, yy, l2, tol, max_epochs, width=None):
     XLA runs the epochs (``_kernels.cd_epoch``) on the problem zero-padded to
     ``width`` (default ``bucket(size)``); after each block of ``ANDERSON_MEMORY``
     epochs the extrapolation, its safeguard and the gap are computed on the host from
-    the iterates and gradients the kernel returns, with no product by H: on this
+    the iterates and gradients the kernel returns, with no full product by H: on this
     shared 2-core CPU a multi-threaded (W, W) matrix-vector product costs 1-3 ms under
     load, more than a CD block. A traced graph for this loop (the ``cd_quadratic``
     route) cost ~0.5 s of tracing per process, more than a whole warm search.
+
+    When the signs held over a block's last epoch, a feature-sign step
+    (``_sign_pattern_descent``) moves to the minimizer for that sign pattern: one
+    Cholesky solve on the support instead of the tens of epochs CD needs to converge
+    there (a search at p=5000 went from 0.72 to 0.61 s to within 1% of the grid, and
+    its solves end exact to rounding, gaps ~1e-13 instead of just below the tolerance).
 
     The gradients carried from block to block accumulate rounding, so ``H beta`` is
     recomputed exactly every ``EXACT_PRODUCT_EVERY`` blocks and before the gap is
@@ -273,10 +282,71 @@ def solve_gram_problem(H, c, beta, alphas, yy, l2, tol, max_epochs, width=None):
             if objective(extrapolated, extrapolated_hb) < objective(beta, hb):
                 beta, hb = extrapolated, extrapolated_hb
         exact = False
+        if np.array_equal(np.sign(beta), np.sign(rows[-2])):
+            # The signs held over the last epoch: jump to the point they determine.
+            candidate = _sign_pattern_descent(H, c, alphas, beta, hb)
+            if objective(*candidate) < objective(beta, hb):
+                beta, hb = candidate
         if blocks % EXACT_PRODUCT_EVERY == 0:
             hb, exact = exact_product(beta), True
         gap = float(_kernels.gram_gap_from_product(hb, c, beta, alphas, yy, l2))
     return beta, gap, epochs
+
+
+def _sign_pattern_descent(H, c, alphas, beta, hb, max_steps=MAX_SIGN_STEPS):
+    """Feature-sign descent from ``beta``: the support's linear system, safeguarded.
+
+    With the signs ``s`` of the solution known, the optimality conditions on the
+    support S are the linear system ``H_SS b_S = c_S - alphas_S s_S``. Coordinate
+    descent identifies the signs long before its iterates converge, so a Cholesky
+    solve (|S|^3 / 3 flops, ~2 ms at |S| = 400) replaces tens of epochs. Where the
+    solution of that system flips some signs, the step goes along the segment to it
+    and stops at the zero crossing (or the end) of lowest objective, dropping the
+    crossed coordinates, and repeats: every step lowers the objective (the objective
+    is the signed quadratic up to the first crossing, decreasing towards the end).
+    Coordinates outside the support are left to the next epochs.
+
+    Returns ``(beta, hb)``, unchanged when the support is empty or ``H_SS`` is not
+    numerically positive definite.
+    """
+    beta = beta.copy()
+    for _ in range(max_steps):
+        support = np.flatnonzero(beta)
+        if support.size == 0:
+            break
+        current = beta[support]
+        signs = np.sign(current)
+        columns = H.take(support, axis=1)  # one gather serves the block and products
+        try:
+            factor = scipy.linalg.cho_factor(columns[support], check_finite=False)
+        except np.linalg.LinAlgError:
+            break
+        target = scipy.linalg.cho_solve(factor, c[support] - alphas[support] * signs)
+        if not np.all(np.isfinite(target)):
+            break
+        direction = target - current
+        h_direction = columns @ direction
+        crossed = target * signs <= 0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            crossings = np.where(crossed, -current / direction, np.inf)
+        steps = np.unique(np.append(crossings[crossed], 1.0))
+        steps = steps[(steps > 0) & (steps <= 1)]
+        # Objective along the segment: quadratic part in closed form, l1 part pointwise.
+        slope = direction @ (hb[support] - c[support])
+        curvature = direction @ h_direction[support]
+        points = current[None, :] + steps[:, None] * direction[None, :]
+        values = steps * slope + 0.5 * steps**2 * curvature + np.abs(points) @ alphas[support]
+        best = int(np.argmin(values))
+        if values[best] >= np.abs(current) @ alphas[support]:
+            break  # no descent left in this sign pattern (rounding)
+        step = steps[best]
+        new = points[best]
+        new[crossings <= step] = 0.0  # exact zeros where the segment crossed
+        beta[support] = new
+        hb = hb + columns @ (new - current)
+        if not crossed.any() or step == 1.0:
+            break
+    return beta, hb
 
 
 def _residual(design: Design, y_tf, beta: np.ndarray):

@@ -190,3 +190,50 @@ def test_padded_gram_solver_matches_sklearn(l2):
     # gradients between blocks but must recompute H beta before trusting the gap).
     exact = _kernels.gram_gap(H, X.T @ y / n, beta, alphas, yy, l2)
     assert float(exact) <= 1e-13 * yy
+
+
+def _gram_problem(alpha, l2):
+    X, y = diabetes()
+    X, y = X - X.mean(0), y - y.mean()
+    n, p = X.shape
+    H = X.T @ X / n + l2 * np.eye(p)
+    if l2:
+        model = L.ElasticNet(alpha_l1=alpha, alpha_l2=l2, fit_intercept=False)
+    else:
+        model = L.Lasso(alpha=alpha, fit_intercept=False)
+    coef, _ = sklearn_solution(model, X, y)
+    return H, X.T @ y / n, np.full(p, alpha), coef
+
+
+def _gram_objective(H, c, alphas, beta):
+    return 0.5 * beta @ H @ beta - c @ beta + alphas @ np.abs(beta)
+
+
+@pytest.mark.parametrize("l2", [0.0, 0.3])
+def test_sign_pattern_descent_solves_from_the_right_signs(l2):
+    from keras_implicit.lasso import _solver
+
+    H, c, alphas, coef = _gram_problem(0.2, l2)
+    assert 0 < np.count_nonzero(coef) < coef.size  # a support that is not everything
+    start = np.sign(coef) * np.random.default_rng(0).uniform(0.1, 10.0, coef.size)
+    beta, hb = _solver._sign_pattern_descent(H, c, alphas, start, H @ start)
+    np.testing.assert_allclose(beta, coef, atol=1e-7 * np.abs(coef).max())
+    np.testing.assert_allclose(hb, H @ beta, atol=1e-10)
+
+
+def test_sign_pattern_descent_drops_wrong_signs_and_never_ascends():
+    from keras_implicit.lasso import _solver
+
+    H, c, alphas, coef = _gram_problem(0.2, 0.0)
+    outside = np.flatnonzero(coef == 0)
+    start = coef.copy()
+    # Off-support coordinates pushed the wrong way: each raises the objective.
+    start[outside] = -0.5 * np.sign(c[outside] - H[outside] @ coef + 1e-3)
+    assert _gram_objective(H, c, alphas, start) > _gram_objective(H, c, alphas, coef)
+    beta, hb = _solver._sign_pattern_descent(H, c, alphas, start, H @ start)
+    np.testing.assert_allclose(beta, coef, atol=1e-7 * np.abs(coef).max())
+    np.testing.assert_allclose(hb, H @ beta, atol=1e-10)
+    # A single step (budget 1) still descends, and zeroes the first crossing coordinate.
+    one, _ = _solver._sign_pattern_descent(H, c, alphas, start, H @ start, max_steps=1)
+    assert _gram_objective(H, c, alphas, one) < _gram_objective(H, c, alphas, start)
+    assert np.count_nonzero(one) < np.count_nonzero(start)
