@@ -266,7 +266,7 @@ def search(
     best_value, best_theta = oracle.best
     best_model = est.clone(working).set_log_penalties(best_theta)
     if refit:
-        best_model.fit(X, y)
+        _refit(best_model, oracle.state, X, y)
     return SearchResult(
         best_model=best_model,
         best_penalties=np.exp(best_theta),
@@ -276,6 +276,22 @@ def search(
         stop_reason=reason,
         messages=oracle.messages,
     )
+
+
+def _refit(model, state, X, y):
+    """Fits ``model`` on (X, y), reusing what the search already has: the converted
+    data when the criterion trained on (X, y) itself (key "main"; cross-validation
+    trains on folds), and the latest solution as the warm start (a refit from zero
+    costs several times a warm solve)."""
+    model._validate_common()
+    model._validate_penalties()
+    data = state.get(("data", "main"))
+    if data is None:
+        data = model._prepare(X, y)
+    start = state.get(("solution", "latest"))
+    if start is not None and start[0].shape != (data.design.p,):
+        start = None
+    model._fit_prepared(data, start)
 
 
 def alpha_max(X, y, fit_intercept=True, loss="squared"):

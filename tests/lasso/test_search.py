@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from lasso_reference import ar1_design, diabetes
+from lasso_reference import ar1_design, diabetes, sklearn_solution
 
 import keras_implicit.lasso as L
 
@@ -102,3 +102,16 @@ def test_weighted_lasso_scalar_alphas_are_broadcast():
     assert result.best_penalties.shape == (10,)
     _, grad = L.hypergradient(L.WeightedLasso(alphas=0.2), criterion, X, y)
     assert grad.shape == (10,)
+
+
+def test_refit_warm_starts_from_the_search_and_matches_sklearn():
+    X_all, y_all, _ = ar1_design(240, 300, rho=0.5, k=10, seed=3)
+    X, y, criterion = X_all[:120], y_all[:120], L.HeldOutMSE(X_all[120:], y_all[120:])
+    result = L.search(L.Lasso(alpha=0.3 * L.alpha_max(X, y)), criterion, X, y, verbose=0)
+    best = result.best_model
+    cold = L.Lasso(alpha=best.alpha).fit(X, y)
+    coef, intercept = sklearn_solution(best, X, y)
+    scale = np.abs(coef).max()
+    np.testing.assert_allclose(best.coef_, coef, atol=1e-4 * scale)
+    assert best.intercept_ == pytest.approx(intercept, abs=1e-4 * scale)
+    assert best.n_iter_ < cold.n_iter_  # the refit started from the search's solution
