@@ -121,10 +121,19 @@ class Solution:
 
 
 def _working_set(scores: np.ndarray, support: np.ndarray, previous: int) -> np.ndarray:
-    """Support plus the most violating features, sorted."""
+    """Support plus the most violating features, sorted.
+
+    ``scores > 1`` marks the features that violate the optimality conditions. The size
+    is at least twice the support (celer's rule), and room for every violator within
+    the cap below: after a warm start at a much smaller penalty the support grows by
+    hundreds of features, and doubling found them over 4 outer iterations where this
+    takes 2-3 (a search at p=5000 reached 1% of the grid in 0.42 s instead of 0.47 s,
+    at p=20000 in 0.34 s instead of 0.43 s).
+    """
     p = scores.shape[0]
     n_support = int(support.sum())
-    size = max(MIN_WS_SIZE, 2 * n_support, previous)
+    violators = int(np.count_nonzero((scores > 1.0) & ~support))
+    size = max(MIN_WS_SIZE, 2 * n_support, previous, n_support + violators)
     # Doubling a support just above a bucket width would jump to a 4x wider bucket
     # (e.g. |S| = 516 -> 4096 columns: a new XLA shape and a 16x larger Gram block).
     # Above MAX_UNCAPPED_WS, stay in the bucket that holds the support with 25%

@@ -237,3 +237,29 @@ def test_sign_pattern_descent_drops_wrong_signs_and_never_ascends():
     one, _ = _solver._sign_pattern_descent(H, c, alphas, start, H @ start, max_steps=1)
     assert _gram_objective(H, c, alphas, one) < _gram_objective(H, c, alphas, start)
     assert np.count_nonzero(one) < np.count_nonzero(start)
+
+
+def test_working_set_holds_the_support_and_every_violator_under_the_cap():
+    from keras_implicit.lasso import _solver
+
+    rng = np.random.default_rng(0)
+    p = 5000
+    support = np.zeros(p, bool)
+    support[rng.choice(p, 100, replace=False)] = True
+    scores = rng.uniform(0.0, 0.9, p)
+    violating = rng.choice(np.flatnonzero(~support), 400, replace=False)
+    scores[violating] = rng.uniform(1.1, 3.0, 400)
+    index = _solver._working_set(scores, support, previous=0)
+    assert np.all(np.diff(index) > 0)
+    chosen = np.zeros(p, bool)
+    chosen[index] = True
+    # Doubling alone would keep 200 columns; every violator fits under the cap.
+    assert chosen[support].all() and chosen[violating].all()
+    assert index.size == 500
+    # Above the cap, the most violating features win.
+    scores[~support] = rng.uniform(1.1, 3.0, p - 100)
+    index = _solver._working_set(scores, support, previous=0)
+    assert index.size == _solver.MAX_UNCAPPED_WS
+    kept = scores[np.setdiff1d(index, np.flatnonzero(support))]
+    dropped = scores[np.setdiff1d(np.flatnonzero(~support), index)]
+    assert kept.min() >= dropped.max()
