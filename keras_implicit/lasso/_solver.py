@@ -170,13 +170,10 @@ class _GramCache:
         combined = np.empty((index.size, index.size))
         combined[:m, :m] = self.gram.take(pos, axis=0).take(pos, axis=1)
         if new.size:
-            x_new = design.columns(new)
-            combined[m:, m:] = tf.matmul(x_new, x_new, transpose_a=True).numpy() / design.n
-            if m:
-                cross = tf.matmul(design.columns(known), x_new, transpose_a=True).numpy()
-                cross /= design.n
-                combined[:m, m:] = cross
-                combined[m:, :m] = cross.T
+            # One product gives the new columns against [known | new].
+            products = design.cross_gram(np.concatenate([known, new]), new) / design.n
+            combined[:, m:] = products
+            combined[m:, :m] = products[:m].T
             order = np.argsort(np.concatenate([known, new]), kind="stable")
             out = combined.take(order, axis=0).take(order, axis=1)
         else:
@@ -366,7 +363,8 @@ def _residual(design: Design, y_tf, beta: np.ndarray):
     if support.size == 0:
         return y_tf
     if support.size < design.p // 4:
-        return y_tf - tf.linalg.matvec(design.columns(support), tf.constant(beta[support]))
+        rows = design.columns_as_rows(support)
+        return y_tf - tf.linalg.matvec(rows, tf.constant(beta[support]), transpose_a=True)
     return y_tf - design.matvec(tf.constant(beta))
 
 
@@ -492,7 +490,7 @@ def solve_logistic(
         extra = 1 if fit_intercept else 0
         width = bucket(index.size + extra)
         A = np.zeros((n, width))
-        A[:, : index.size] = design.columns(index).numpy()
+        A[:, : index.size] = design.columns_as_rows(index).numpy().T
         a = _padded(alphas[index], width, 1.0)
         start = _padded(beta[index], width)
         if fit_intercept:
