@@ -245,3 +245,5 @@ def test_gram_cache_reassembles_changing_working_sets():
             block = _solver.gram_block(design, index)
             np.testing.assert_allclose(block, Xc[:, index].T @ Xc[:, index] / 30, atol=1e-12)
         np.testing.assert_allclose(design.columns([4, 7]).numpy(), Xc[:, [4, 7]], atol=1e-12)
+        rows = design.columns_as_rows([7, 4, 7]).numpy()
+        np.testing.assert_allclose(rows, Xc[:, [7, 4, 7]].T, atol=1e-12)
