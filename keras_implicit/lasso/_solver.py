@@ -36,6 +36,13 @@ MAX_EPOCHS = 20_000
 EXACT_PRODUCT_EVERY = 20  # see solve_gram_problem
 MAX_NEWTON = 100
 MAX_SIGN_STEPS = 8  # feature-sign steps per CD block, see _sign_pattern_descent
+# Feature-sign steps cost |S|^3 / 3 flops (Cholesky) each, CD epochs size * width
+# coordinate updates; an update costs about 5 flops of a Cholesky factorization (an
+# epoch of 800 coordinates at width 1024 took 0.3 ms, a 420-column Cholesky 1.1-2.6
+# ms). The steps may spend as much as the epochs did: near |S| ~ n (the smallest
+# penalties) an unrationed step cost more than the tens of epochs it saved.
+CD_UPDATE_COST = 5.0
+SIGN_STEP_SHARE = 1.0
 
 _compiled = {}
 
@@ -260,6 +267,7 @@ def solve_gram_problem(H, c, beta, alphas, yy, l2, tol, max_epochs, width=None):
     hb = exact_product(beta)
     gap = float(_kernels.gram_gap_from_product(hb, c, beta, alphas, yy, l2))
     epochs = blocks = 0
+    sign_budget = 0.0  # flops the feature-sign steps may still spend (see CD_UPDATE_COST)
     exact = True
     while epochs < max_epochs:
         if gap <= tol:
@@ -278,6 +286,7 @@ def solve_gram_problem(H, c, beta, alphas, yy, l2, tol, max_epochs, width=None):
         rows, grads = np.array(rows), np.array(grads)
         epochs += _kernels.ANDERSON_MEMORY
         blocks += 1
+        sign_budget += SIGN_STEP_SHARE * CD_UPDATE_COST * _kernels.ANDERSON_MEMORY * size * width
         beta, hb = rows[-1], grads[-1] + c
         try:
             weights, ok = _kernels.anderson_weights(rows)
@@ -291,9 +300,13 @@ def solve_gram_problem(H, c, beta, alphas, yy, l2, tol, max_epochs, width=None):
             if objective(extrapolated, extrapolated_hb) < objective(beta, hb):
                 beta, hb = extrapolated, extrapolated_hb
         exact = False
-        if np.array_equal(np.sign(beta), np.sign(rows[-2])):
+        n_support = np.count_nonzero(beta)
+        step_cost = n_support**3 / 3.0 + 2.0 * size * n_support
+        affordable = min(MAX_SIGN_STEPS, int(sign_budget // max(step_cost, 1.0)))
+        if affordable and np.array_equal(np.sign(beta), np.sign(rows[-2])):
             # The signs held over the last epoch: jump to the point they determine.
-            candidate = _sign_pattern_descent(H, c, alphas, beta, hb)
+            *candidate, steps = _sign_pattern_descent(H, c, alphas, beta, hb, affordable)
+            sign_budget -= steps * step_cost
             if objective(*candidate) < objective(beta, hb):
                 beta, hb = candidate
         if blocks % EXACT_PRODUCT_EVERY == 0:
@@ -315,10 +328,12 @@ def _sign_pattern_descent(H, c, alphas, beta, hb, max_steps=MAX_SIGN_STEPS):
     is the signed quadratic up to the first crossing, decreasing towards the end).
     Coordinates outside the support are left to the next epochs.
 
-    Returns ``(beta, hb)``, unchanged when the support is empty or ``H_SS`` is not
-    numerically positive definite.
+    Returns ``(beta, hb, steps)`` with the number of factorizations made; ``beta`` is
+    unchanged when the support is empty or ``H_SS`` is not numerically positive
+    definite.
     """
     beta = beta.copy()
+    steps_made = 0
     for _ in range(max_steps):
         support = np.flatnonzero(beta)
         if support.size == 0:
@@ -326,6 +341,7 @@ def _sign_pattern_descent(H, c, alphas, beta, hb, max_steps=MAX_SIGN_STEPS):
         current = beta[support]
         signs = np.sign(current)
         columns = H.take(support, axis=1)  # one gather serves the block and products
+        steps_made += 1
         try:
             factor = scipy.linalg.cho_factor(columns[support], check_finite=False)
         except np.linalg.LinAlgError:
@@ -355,7 +371,7 @@ def _sign_pattern_descent(H, c, alphas, beta, hb, max_steps=MAX_SIGN_STEPS):
         hb = hb + columns @ (new - current)
         if not crossed.any() or step == 1.0:
             break
-    return beta, hb
+    return beta, hb, steps_made
 
 
 def _residual(design: Design, y_tf, beta: np.ndarray):

@@ -216,7 +216,7 @@ def test_sign_pattern_descent_solves_from_the_right_signs(l2):
     H, c, alphas, coef = _gram_problem(0.2, l2)
     assert 0 < np.count_nonzero(coef) < coef.size  # a support that is not everything
     start = np.sign(coef) * np.random.default_rng(0).uniform(0.1, 10.0, coef.size)
-    beta, hb = _solver._sign_pattern_descent(H, c, alphas, start, H @ start)
+    beta, hb, _ = _solver._sign_pattern_descent(H, c, alphas, start, H @ start)
     np.testing.assert_allclose(beta, coef, atol=1e-7 * np.abs(coef).max())
     np.testing.assert_allclose(hb, H @ beta, atol=1e-10)
 
@@ -230,11 +230,12 @@ def test_sign_pattern_descent_drops_wrong_signs_and_never_ascends():
     # Off-support coordinates pushed the wrong way: each raises the objective.
     start[outside] = -0.5 * np.sign(c[outside] - H[outside] @ coef + 1e-3)
     assert _gram_objective(H, c, alphas, start) > _gram_objective(H, c, alphas, coef)
-    beta, hb = _solver._sign_pattern_descent(H, c, alphas, start, H @ start)
+    beta, hb, _ = _solver._sign_pattern_descent(H, c, alphas, start, H @ start)
     np.testing.assert_allclose(beta, coef, atol=1e-7 * np.abs(coef).max())
     np.testing.assert_allclose(hb, H @ beta, atol=1e-10)
     # A single step (budget 1) still descends, and zeroes the first crossing coordinate.
-    one, _ = _solver._sign_pattern_descent(H, c, alphas, start, H @ start, max_steps=1)
+    one, _, steps = _solver._sign_pattern_descent(H, c, alphas, start, H @ start, max_steps=1)
+    assert steps == 1
     assert _gram_objective(H, c, alphas, one) < _gram_objective(H, c, alphas, start)
     assert np.count_nonzero(one) < np.count_nonzero(start)
 
