@@ -41,7 +41,9 @@ class SearchResult:
       best_value: the criterion at ``best_penalties``.
       trace: one dict per criterion evaluation with ``iteration``, ``criterion``,
         ``penalties``, ``grad_norm``, ``time`` (seconds for that evaluation),
-        ``elapsed`` (seconds since the start), ``accepted`` and ``support_size``.
+        ``solve_time`` (the part spent in inner solves; the rest is the
+        hypergradient), ``elapsed`` (seconds since the start), ``accepted`` and
+        ``support_size``.
       n_iter: number of optimizer iterations.
       stop_reason: why the search stopped.
       messages: warnings raised by the hypergradient (empty support, ridge fallback).
@@ -108,6 +110,7 @@ class _Oracle:
                 "elapsed": now - self.start,
                 "accepted": True,
                 "support_size": int(np.mean(info.support_sizes)) if info.support_sizes else 0,
+                "solve_time": float(sum(info.solve_seconds)),
             }
         )
         if value < self.best[0]:

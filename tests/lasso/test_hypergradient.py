@@ -145,6 +145,31 @@ def test_info_reports_support_and_gap():
     assert len(info.support_sizes) == 2 and min(info.support_sizes) > 0
     assert all(info.converged) and max(info.dual_gaps) < 1e-4
     assert info.ridge == [0.0, 0.0]
+    # One timing per inner solve (SURE solves the problem and a shifted one).
+    assert len(info.solve_seconds) == 2 and min(info.solve_seconds) > 0
+    assert info.seconds >= sum(info.solve_seconds)
+    assert info.differentiation_seconds == pytest.approx(info.seconds - sum(info.solve_seconds))
+
+
+def test_a_state_checks_each_input_pair_once(monkeypatch):
+    import importlib
+
+    module = importlib.import_module("keras_implicit.lasso.hypergradient")
+    X, y, X_val, y_val = _regression_split()
+    crit = L.HeldOutMSE(X_val, y_val)
+    calls = []
+    original = module.as_design_input
+    monkeypatch.setattr(module, "as_design_input", lambda X: calls.append(1) or original(X))
+    state = {}
+    first = L.hypergradient(L.Lasso(alpha=0.5), crit, X, y, state=state)
+    second = L.hypergradient(L.Lasso(alpha=0.5), crit, X, y, state=state)
+    assert len(calls) == 1
+    np.testing.assert_allclose(second[1], first[1], rtol=1e-10)
+    # Another array is checked again, even with the same state.
+    bad = X.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        L.hypergradient(L.Lasso(alpha=0.5), crit, bad, y, state=state)
 
 
 # -- edge cases ---------------------------------------------------------------------

@@ -26,6 +26,7 @@ def test_search_decreases_the_criterion(optimizer, capsys):
     assert result.best_model.coef_.shape == (10,)
     entry = result.trace[0]
     assert set(entry) >= {"iteration", "criterion", "penalties", "grad_norm", "time", "elapsed"}
+    assert all(0 < e["solve_time"] <= e["time"] for e in result.trace)
     assert result.stop_reason
 
 
