@@ -248,19 +248,24 @@ def test_working_set_holds_the_support_and_every_violator_under_the_cap():
     support = np.zeros(p, bool)
     support[rng.choice(p, 100, replace=False)] = True
     scores = rng.uniform(0.0, 0.9, p)
-    violating = rng.choice(np.flatnonzero(~support), 400, replace=False)
-    scores[violating] = rng.uniform(1.1, 3.0, 400)
+    violating = rng.choice(np.flatnonzero(~support), 250, replace=False)
+    scores[violating] = rng.uniform(1.1, 3.0, 250)
     index = _solver._working_set(scores, support, previous=0)
     assert np.all(np.diff(index) > 0)
     chosen = np.zeros(p, bool)
     chosen[index] = True
-    # Doubling alone would keep 200 columns; every violator fits under the cap.
+    # Doubling alone would keep 200 columns; every violator fits (under 4 |S|).
     assert chosen[support].all() and chosen[violating].all()
-    assert index.size == 500
+    assert index.size == 350
+    # From an empty support the working set starts small, however many violate.
+    empty = np.zeros(p, bool)
+    assert _solver._working_set(scores, empty, previous=0).size == _solver.MIN_WS_SIZE
     # Above the cap, the most violating features win.
-    scores[~support] = rng.uniform(1.1, 3.0, p - 100)
+    support[rng.choice(np.flatnonzero(~support), 200, replace=False)] = True
+    scores[~support] = rng.uniform(1.1, 3.0, p - 300)
     index = _solver._working_set(scores, support, previous=0)
     assert index.size == _solver.MAX_UNCAPPED_WS
+    assert np.isin(np.flatnonzero(support), index).all()
     kept = scores[np.setdiff1d(index, np.flatnonzero(support))]
     dropped = scores[np.setdiff1d(np.flatnonzero(~support), index)]
     assert kept.min() >= dropped.max()
