@@ -180,11 +180,12 @@ class _GramCache:
         combined = np.empty((index.size, index.size))
         combined[:m, :m] = self.gram.take(pos, axis=0).take(pos, axis=1)
         if new.size:
+            assembled = np.concatenate([known, new])
             # One product gives the new columns against [known | new].
-            products = design.cross_gram(np.concatenate([known, new]), new) / design.n
+            products = design.cross_gram(assembled, new) / design.n
             combined[:, m:] = products
             combined[m:, :m] = products[:m].T
-            order = np.argsort(np.concatenate([known, new]), kind="stable")
+            order = np.argsort(assembled, kind="stable")
             out = combined.take(order, axis=0).take(order, axis=1)
         else:
             out = combined

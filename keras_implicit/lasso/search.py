@@ -285,9 +285,8 @@ def _refit(model, state, X, y):
     """Fits ``model`` on (X, y), reusing what the search already has: the converted
     data when the criterion trained on (X, y) itself (key "main"; cross-validation
     trains on folds), and the latest solution as the warm start (a refit from zero
-    costs several times a warm solve)."""
-    model._validate_common()
-    model._validate_penalties()
+    costs several times a warm solve). The penalties were validated when the search
+    evaluated them."""
     data = state.get(("data", "main"))
     if data is None:
         data = model._prepare(X, y)
