@@ -344,17 +344,17 @@ def _sign_pattern_descent(H, c, alphas, beta, hb, max_steps=MAX_SIGN_STEPS):
             break
         current = beta[support]
         signs = np.sign(current)
-        columns = H.take(support, axis=1)  # one gather serves the block and products
+        columns = H.take(support, axis=1)  # for the update of hb below
+        block = columns[support]
         steps_made += 1
         try:
-            factor = scipy.linalg.cho_factor(columns[support], check_finite=False)
+            factor = scipy.linalg.cho_factor(block, check_finite=False)
         except np.linalg.LinAlgError:
             break
         target = scipy.linalg.cho_solve(factor, c[support] - alphas[support] * signs)
         if not np.all(np.isfinite(target)):
             break
         direction = target - current
-        h_direction = columns @ direction
         crossed = target * signs <= 0
         with np.errstate(divide="ignore", invalid="ignore"):
             crossings = np.where(crossed, -current / direction, np.inf)
@@ -362,7 +362,7 @@ def _sign_pattern_descent(H, c, alphas, beta, hb, max_steps=MAX_SIGN_STEPS):
         steps = steps[(steps > 0) & (steps <= 1)]
         # Objective along the segment: quadratic part in closed form, l1 part pointwise.
         slope = direction @ (hb[support] - c[support])
-        curvature = direction @ h_direction[support]
+        curvature = direction @ (block @ direction)
         points = current[None, :] + steps[:, None] * direction[None, :]
         values = steps * slope + 0.5 * steps**2 * curvature + np.abs(points) @ alphas[support]
         best = int(np.argmin(values))
