@@ -37,6 +37,7 @@ from keras_implicit.lasso._data import DTYPE, as_design_input, as_target
 
 RCOND_THRESHOLD = 1e-12  # below this estimated reciprocal condition: ridge fallback
 RIDGE_SCALE = 1e-8  # ridge added, relative to the mean diagonal of the system
+STALE_START_REFINEMENT = 1e-2  # tolerance factor when a warm start is returned unchanged
 
 
 class EmptySupportWarning(UserWarning):
@@ -114,8 +115,20 @@ class _Context:
                 if latest is not None and latest[0].shape == (data.design.p,):
                     start = latest
             model._fit_prepared(data, start)
+            penalties = np.array(model.get_log_penalties(), dtype=np.float64)
+            previous = self.state.get(("penalties", key))
+            if model.n_iter_ == 0 and previous is not None and np.any(previous != penalties):
+                # The solution at other penalties already met the tolerance at these:
+                # returned as is, nearby penalties would give identical criterion
+                # values, which a line search reads as "no decrease".
+                tol, model.tol = model.tol, model.tol * STALE_START_REFINEMENT
+                try:
+                    model._fit_prepared(data, start)
+                finally:
+                    model.tol = tol
             solution = (model.coef_.copy(), model.intercept_)
             self.state[("solution", key)] = self.state[("solution", "latest")] = solution
+            self.state[("penalties", key)] = penalties
         self.info.dual_gaps.append(float(model.dual_gap_))
         self.info.converged.append(bool(model.converged_))
         self.info.solve_seconds.append(time.perf_counter() - tic)
@@ -385,7 +398,9 @@ def hypergradient(
         CG), ``"cholesky"`` or ``"cg"``.
       return_info: also return a ``HypergradientInfo``.
       state: a dict reused across calls to warm-start the inner solves and reuse the
-        converted data (``search`` passes one).
+        converted data (``search`` passes one). A warm start that already meets the
+        model's ``tol`` at the new penalties is refined to ``tol / 100``, so that
+        nearby penalties do not return the previous solution unchanged.
 
     Returns:
       ``(value, gradient)`` with ``gradient`` a 1-D numpy array with one entry per
