@@ -141,12 +141,19 @@ class _LassoFamily:
         self._fit_prepared(data, start)
         return self
 
-    def _fit_prepared(self, data: Prepared, start=None) -> _solver.Solution:
-        """Fits on prepared data; ``start = (coef, intercept)`` warm-starts the solver."""
+    def _fit_prepared(self, data: Prepared, start=None, tol=None) -> _solver.Solution:
+        """Fits on prepared data; ``start = (coef, intercept)`` warm-starts the solver;
+        ``tol`` overrides ``self.tol`` for this fit."""
         alphas, l2 = self.penalty_vectors(data.design.p)
         coef0 = None if start is None else np.asarray(start[0], dtype=np.float64)
         solution = _solver.solve_quadratic(
-            data.design, data.target, alphas, l2, coef0, self.tol, self.max_iter
+            data.design,
+            data.target,
+            alphas,
+            l2,
+            coef0,
+            self.tol if tol is None else tol,
+            self.max_iter,
         )
         solution.intercept = data.y_mean - float(data.x_mean @ solution.coef)
         self._store(solution, data)
@@ -404,7 +411,7 @@ class SparseLogisticRegression(_LassoFamily):
         y_pm, classes = labels_to_pm1(y)
         return Prepared(Design(X), y_pm, np.zeros(X.shape[1]), 0.0, classes)
 
-    def _fit_prepared(self, data, start=None):
+    def _fit_prepared(self, data, start=None, tol=None):
         alphas, _ = self.penalty_vectors(data.design.p)
         coef0, intercept0 = (None, 0.0) if start is None else start
         solution = _solver.solve_logistic(
@@ -414,7 +421,7 @@ class SparseLogisticRegression(_LassoFamily):
             self.fit_intercept,
             coef0,
             intercept0,
-            self.tol,
+            self.tol if tol is None else tol,
             self.max_iter,
         )
         self.classes_ = data.classes

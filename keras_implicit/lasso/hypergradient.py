@@ -121,11 +121,7 @@ class _Context:
                 # The solution at other penalties already met the tolerance at these:
                 # returned as is, nearby penalties would give identical criterion
                 # values, which a line search reads as "no decrease".
-                tol, model.tol = model.tol, model.tol * STALE_START_REFINEMENT
-                try:
-                    model._fit_prepared(data, start)
-                finally:
-                    model.tol = tol
+                model._fit_prepared(data, start, tol=model.tol * STALE_START_REFINEMENT)
             solution = (model.coef_.copy(), model.intercept_)
             self.state[("solution", key)] = self.state[("solution", "latest")] = solution
             self.state[("penalties", key)] = penalties
