@@ -11,6 +11,7 @@ policies the output must agree with the float32 layer to the half dtype's precis
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from keras.src.testing import TestCase
 
 import keras_implicit as ki
@@ -172,3 +173,19 @@ def test_global_mixed_policy_fit(case, policy):
     assert np.all(np.isfinite(history.history["loss"]))
     moved = [not np.allclose(b, np.array(w)) for b, w in zip(before, model.trainable_weights)]
     assert all(moved)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True], ids=["graph", "xla"])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_unknown_batch_dimension(case, jit_compile):
+    """Traced once for a None batch, then called with two batch sizes: eager values."""
+    _, layer_cls, init_kwargs, data, _ = case
+    x = _input_data(data)
+    layer = layer_cls(**init_kwargs)
+    expected = keras.ops.convert_to_numpy(layer(x))
+    spec = tf.TensorSpec([None, *x.shape[1:]], tf.float32)
+    call = tf.function(layer.__call__, input_signature=[spec], jit_compile=jit_compile)
+    np.testing.assert_allclose(call(x).numpy(), expected, rtol=1e-4, atol=1e-4)
+    doubled = np.concatenate([x, x])
+    np.testing.assert_allclose(call(doubled).numpy()[: len(x)], expected, rtol=1e-4, atol=1e-4)
+    assert call.experimental_get_tracing_count() == 1
