@@ -5,6 +5,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import zipfile
 
 import pytest
 
@@ -39,6 +40,17 @@ def test_ruff_clean():
     for command in (["ruff", "check", "."], ["ruff", "format", "--check", "."]):
         result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
         assert result.returncode == 0, result.stdout[-3000:]
+
+
+def test_wheel_carries_the_license(tmp_path):
+    build = ["wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)]
+    result = _run([sys.executable, "-m", "pip", *build, str(ROOT)], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (wheel,) = tmp_path.glob("keras_implicit-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        licenses = [n for n in archive.namelist() if n.endswith(".dist-info/LICENSE")]
+        assert licenses, archive.namelist()
+        assert "Apache License" in archive.read(licenses[0]).decode()
 
 
 def test_public_api_contract():
