@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import tensorflow as tf
 
 SOLVED = 0
@@ -72,6 +73,9 @@ class Settings:
     alpha: float = 1.6
     check_interval: int = 25
     polish: bool = True
+    # relative tolerance of the infeasibility certificates; raised to
+    # INFEASIBLE_TOL_ULPS machine epsilons of the solve dtype (float32: 1.2e-4, OSQP's
+    # default), below which the rounding of the iterate differences hides the certificate
     infeasible_tol: float = 1e-5
     # Ruiz equilibration passes before ADMM; 0 disables problem scaling
     scaling: int = 10
@@ -127,7 +131,7 @@ def _residuals(P, q, C, x, z, y):
 
 
 def _primal_infeasible(C, lo, hi, dy, eps):
-    """OSQP certificate: C^T dy ~ 0 and hi^T dy+ + lo^T dy- < 0 (dy = y_k - y_{k-1})."""
+    """OSQP certificate: C^T dy ~ 0 and hi^T dy+ + lo^T dy- < 0 (dy: change of y over a chunk)."""
     norm = _inf_norm(dy)
     pos, neg = tf.maximum(dy, 0.0), tf.minimum(dy, 0.0)
     # an infinite bound paired with a nonzero dual step makes the support term +inf
@@ -219,6 +223,19 @@ def ruiz_equilibrate(P, q, C, passes):
 # ----------------------------------------------------------------------------- forward
 
 
+INFEASIBLE_TOL_ULPS = 1e3
+
+
+def infeasible_tol(tol: float, dtype) -> float:
+    """The certificates' relative tolerance in `dtype`: `tol`, at least 1e3 epsilons.
+
+    The certificates are differences of iterates that grow linearly; in float32 their
+    rounding (amplified by the stiff equality-row penalty) leaves C^T dy ~ 1e-4 |dy|
+    where float64 reaches 1e-11, so a float64 tolerance would never certify.
+    """
+    return max(tol, INFEASIBLE_TOL_ULPS * float(np.finfo(tf.as_dtype(dtype).as_numpy_dtype).eps))
+
+
 def resolve(settings: Settings, dtype) -> Settings:
     if settings.tol is not None:
         return settings
@@ -232,7 +249,7 @@ def admm(P, q, C, lo, hi, is_eq, settings: Settings):
     s = resolve(settings, dtype)
     sigma, alpha = tf.constant(s.sigma, dtype), tf.constant(s.alpha, dtype)
     eps = tf.constant(s.tol, dtype)
-    eps_inf = tf.constant(s.infeasible_tol, dtype)
+    eps_inf = tf.constant(infeasible_tol(s.infeasible_tol, dtype), dtype)
 
     # ADMM iterates on the scaled problem (Ps, qs, Cs, los, his); every test below and
     # everything returned is in the caller's units
@@ -270,25 +287,30 @@ def admm(P, q, C, lo, hi, is_eq, settings: Settings):
         y_new = y + rho_vec * (zr - z_new)
         return x_new, z_new, y_new
 
-    def chunk(k, x, z, y, rho, chol, status, iters):
+    def chunk(k, x, z, y, rho, chol, status, iters, refs):
         active = tf.equal(status, MAX_ITER)
 
-        def inner(i, x, z, y, x_prev, y_prev):
-            x_new, z_new, y_new = step(x, z, y, chol, _rho_vector(rho, is_eq))
-            return i + 1, x_new, z_new, y_new, x, y
+        def inner(i, x, z, y):
+            return (i + 1, *step(x, z, y, chol, _rho_vector(rho, is_eq)))
 
-        _, xn, zn, yn, xp, yp = tf.while_loop(
-            lambda i, *_: i < s.check_interval,
-            inner,
-            (tf.constant(0), x, z, y, x, y),
+        _, xn, zn, yn = tf.while_loop(
+            lambda i, *_: i < s.check_interval, inner, (tf.constant(0), x, z, y)
         )
         xu, zu, yu = unscale(xn, zn, yn)
         r_prim, r_dual, s_prim, s_dual = _residuals(P, q, C, xu, zu, yu)
         converged = (r_prim <= eps + eps * s_prim) & (r_dual <= eps + eps * s_dual)
         finite = tf.math.is_finite(r_prim) & tf.math.is_finite(r_dual)
-        dx, _, dy = unscale(xn - xp, zn, yn - yp)
-        p_inf = _primal_infeasible(C, lo, hi, dy, eps_inf)
-        d_inf = _dual_infeasible(P, q, C, lo, hi, dx, eps_inf)
+        # Certificates from iterate differences over three spans: this chunk, and since
+        # each of two reference points (see `refs` below). OSQP's one-step differences
+        # carry the rounding of the growing iterates, which in float32 is ~1e-2 of the
+        # difference; over a span of s steps the signal grows with s while the rounding
+        # stays that of one iterate. A sum of certificates is one (they form a cone).
+        # The first chunk starts from zero, not on the ray, and is not tested.
+        p_inf, d_inf = tf.zeros([B], tf.bool), tf.zeros([B], tf.bool)
+        for x0, y0 in ((x, y), *refs):
+            dx, _, dy = unscale(xn - x0, zn, yn - y0)
+            p_inf |= _primal_infeasible(C, lo, hi, dy, eps_inf) & (k > 0)
+            d_inf |= _dual_infeasible(P, q, C, lo, hi, dx, eps_inf) & (k > 0)
         new_status = tf.where(
             ~finite,
             NUMERICAL_ERROR,
@@ -312,20 +334,28 @@ def admm(P, q, C, lo, hi, is_eq, settings: Settings):
             & tf.math.is_finite(rho_new)
             & ((ratio > _RHO_ADAPT_RATIO) | (ratio < 1.0 / _RHO_ADAPT_RATIO))
         )
+        # references: the latest rho change (the ray's slope changes with rho) and the
+        # latest power-of-two chunk (the span is at least half the iterations so far)
+        restart = tf.equal(tf.bitwise.bitwise_and(k + 1, k), 0)
+        resets = ((change & tf.not_equal(rho_new, rho)) | tf.equal(k, 0), tf.fill([B], restart))
+        refs = tuple(
+            (tf.where(r[:, None], x, x0), tf.where(r[:, None], y, y0))
+            for r, (x0, y0) in zip(resets, refs)
+        )
         rho = tf.where(change, rho_new, rho)
         chol = tf.cond(
             tf.reduce_any(change),
             lambda: _factor(Ps, Cs, _rho_vector(rho, is_eq), sigma),
             lambda: chol,
         )
-        return k + 1, x, z, y, rho, chol, status, iters
+        return k + 1, x, z, y, rho, chol, status, iters, refs
 
-    _, x, z, y, rho, chol, status, iters = tf.while_loop(
-        lambda k, x, z, y, rho, chol, status, iters: (
+    _, x, z, y, rho, chol, status, iters, _ = tf.while_loop(
+        lambda k, x, z, y, rho, chol, status, iters, *_: (
             (k < n_chunks) & tf.reduce_any(tf.equal(status, MAX_ITER))
         ),
         chunk,
-        (tf.constant(0), x, z, y, rho, chol, status, iters),
+        (tf.constant(0), x, z, y, rho, chol, status, iters, ((x, y), (x, y))),
     )
     x, z, y = unscale(x, z, y)
     # clean the duals: exactly zero on inactive rows (the backward reads the active
