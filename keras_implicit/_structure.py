@@ -70,12 +70,26 @@ class Packer:
                         f"`{what}` must have the shape of z0 (after batch dimensions): "
                         f"expected {shape}, received {event}."
                     )
-            size = shape.num_elements() if shape.is_fully_defined() else -1
-            rows.append(tf.reshape(leaf, [-1, size]))
+            rows.append(tf.reshape(leaf, self._row_shape(leaf, shape)))
         packed = rows[0] if len(rows) == 1 else tf.concat(rows, axis=-1)
         if self.static_dim is not None:
             packed.set_shape([None, self.static_dim])
         return packed
+
+    def _row_shape(self, leaf: tf.Tensor, event: tf.TensorShape):
+        """The [rows, size] shape of `leaf` packed, static where the shapes allow it.
+
+        A reshape infers at most one dimension, so with unknown event dimensions the
+        row count comes from the leaf's dynamic batch shape (one row when unbatched).
+        """
+        size = event.num_elements() if event.is_fully_defined() else None
+        if self.batch_dims == 0:
+            return [1, -1 if size is None else size]
+        if size is not None and size > 0:
+            return [-1, size]
+        dynamic = tf.shape(leaf)
+        rows = tf.reduce_prod(dynamic[: self.batch_dims])
+        return tf.stack([rows, tf.reduce_prod(dynamic[self.batch_dims :])])
 
     def unpack(self, packed: tf.Tensor):
         if self._static_sizes is not None:
@@ -115,12 +129,6 @@ class Packer:
     def finite_batch_rows(self, tensor: tf.Tensor) -> tf.Tensor:
         flat = tf.reshape(tensor, tf.stack([tf.reduce_prod(self._batch_shape), -1]))
         return tf.reduce_all(tf.math.is_finite(flat), axis=-1)
-
-    def mask_batch_rows(self, tensor: tf.Tensor, keep: tf.Tensor) -> tf.Tensor:
-        """Zeros the batch rows of `tensor` where `keep` ([rows]) is False."""
-        extra = tf.ones([tensor.shape.rank - self.batch_dims], tf.int32)
-        keep = tf.reshape(keep, tf.concat([self._batch_shape, extra], 0))
-        return tf.where(keep, tensor, tf.zeros_like(tensor))
 
     def unbatch_stats(self, value: tf.Tensor) -> tf.Tensor:
         """Per-row statistics back to the batch shape (a scalar when batch_dims=0)."""
