@@ -2,6 +2,7 @@
 
 from keras_implicit.layers.cells import ConvCell, DenseCell, MonotoneDenseCell
 from keras_implicit.layers.cone_program import ConeProgram
+from keras_implicit.layers.cvxpy_layer import CvxpyLayer
 from keras_implicit.layers.deq import DEQ
 from keras_implicit.layers.projection import (
     AffineSetProjection,
@@ -29,6 +30,7 @@ __all__ = [
     "BoxProjection",
     "ConeProgram",
     "ConvCell",
+    "CvxpyLayer",
     "DenseCell",
     "ExpConeProjection",
     "HalfspaceProjection",
