@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 
+import numpy as np
 import tensorflow as tf
 
 from keras_implicit import _policy, _validation, linalg, solvers
 from keras_implicit._structure import Packer, compute_dtype, finite_rows, row_norm
+from keras_implicit.errors import ConvergenceWarning
 from keras_implicit.solvers import SolverStats
 
 try:  # TF >= 2.13
@@ -43,6 +46,29 @@ def _to_tensor(value, dtype):
 
 
 _HALF_EPS = {tf.float16: 2.0**-10, tf.bfloat16: 2.0**-7}  # machine epsilons
+# Residuals are relative (see `ki.solvers`): roundoff in fn's own dtype bounds them
+# below by about one machine epsilon, so tolerances are floored at two.
+_TOL_FLOOR_EPS = 2.0
+_floor_warned = set()
+
+
+def _machine_eps(dtype: tf.DType) -> float:
+    return _HALF_EPS.get(dtype) or float(np.finfo(dtype.as_numpy_dtype).eps)
+
+
+def _warn_floor(what: str, name: str, tol: float, floor: float, dtype: tf.DType) -> None:
+    """Says once per process and setting that a tolerance was raised to the floor."""
+    key = (what, name, tol, dtype.name)
+    if key in _floor_warned:
+        return
+    _floor_warned.add(key)
+    warnings.warn(
+        f"{what}: {name}={tol:.3g} is below what a solve in {dtype.name} can reach "
+        f"({_TOL_FLOOR_EPS:g} machine epsilons); using {name}={floor:.3g}. "
+        f"Received: {name}={tol!r}",
+        ConvergenceWarning,
+        stacklevel=_policy.user_stacklevel(),
+    )
 
 
 class _Problem:
@@ -56,9 +82,9 @@ class _Problem:
         # the solve runs in the compute dtype (float32 for half-precision inputs)
         cast = tf.nest.map_structure(lambda t: tf.cast(t, self.dtype), original.structure)
         self.packer = Packer(cast, batch_dims, what=label)
-        # fn computes in its own (half) precision, so residuals cannot drop much below its
+        # fn computes in its own precision, so residuals cannot drop much below its
         # roundoff: tolerances are floored there instead of never being met
-        self.tol_floor = 2.0 * _HALF_EPS.get(self.original_dtype, 0.0)
+        self.tol_floor = _TOL_FLOOR_EPS * _machine_eps(self.original_dtype)
 
     def to_user(self, y):
         """y in the dtype fn was written for (the solver's state may be wider)."""
@@ -66,9 +92,17 @@ class _Problem:
             return y
         return tf.nest.map_structure(lambda t: tf.cast(t, self.original_dtype), y)
 
-    def floor(self, solver):
-        """The solver with its tolerance raised to the floor (no-op in full precision)."""
-        return solver.with_options(tol=self.tol_floor) if solver.tol < self.tol_floor else solver
+    def floor_tol(self, tol: float, *, what: str, name: str = "tol") -> float:
+        """`tol` raised to the dtype's floor (said once per process and setting)."""
+        if tol >= self.tol_floor:
+            return tol
+        _warn_floor(what, name, tol, self.tol_floor, self.original_dtype)
+        return self.tol_floor
+
+    def floor(self, solver, *, what: str, name: str = "tol"):
+        """The solver with its tolerance raised to the dtype's floor."""
+        tol = self.floor_tol(solver.tol, what=what, name=name)
+        return solver if tol == solver.tol else solver.with_options(tol=tol)
 
     def cast_output(self, out, *, name="fn"):
         """Checks that `out` has y's structure and dtype, and casts it to the compute dtype."""
@@ -122,8 +156,8 @@ def _implicit(
     """
     packer = problem.packer
     on_failure = _policy.check_policy(on_failure)
-    check_tol = max(check_tol, problem.tol_floor)
-    linear_solver = problem.floor(linear_solver)
+    check_tol = problem.floor_tol(check_tol, what=what)
+    linear_solver = problem.floor(linear_solver, what=what, name="backward_tol")
     stopped = tf.nest.map_structure(tf.stop_gradient, args)
     # Solvers that take gradients themselves (argmin's L-BFGS, a user's solver) need
     # tapes recording; stop_gradient on their output still keeps the outer gradient out
@@ -168,10 +202,12 @@ def _implicit(
                     for g, y in zip(upstream, ys)
                 ]
             )
-            # Rows whose solution, batched inputs or cotangent are not finite are
-            # evaluated at zeros instead: a VJP multiplies a zero cotangent by the
-            # local derivative, and 0 * NaN would leak the broken row into every
-            # parameter gradient (a sum over the batch).
+            # Rows whose solution, batched inputs or cotangent are not finite send no
+            # gradient, and the linearization point is made finite: a VJP multiplies a
+            # zero cotangent by the local derivative, and 0 * NaN would leak a broken
+            # row into every parameter gradient (a sum over the batch). Inputs are
+            # cleaned entry by entry, not by row: whether a tensor's leading axis is the
+            # batch cannot be told from its shape (a [B, B] weight looks batched).
             ok_rows = finite_rows(y_packed) & finite_rows(cotangent)
             for x in xs:
                 if packer.is_batched_like(x) and x.dtype.is_floating:
@@ -181,8 +217,8 @@ def _implicit(
 
             def sanitized(values):
                 return [
-                    packer.mask_batch_rows(x, ok_rows)
-                    if packer.is_batched_like(x) and x.dtype.is_floating
+                    tf.where(tf.math.is_finite(x), x, tf.zeros_like(x))
+                    if x.dtype.is_floating
                     else x
                     for x in values
                 ]
@@ -293,7 +329,7 @@ def _run_builtin(kind, fn, y0, args, settings, build):
     )
     with tf.name_scope(kind):
         problem, y0, args = _prepare(fn, y0, args, settings["batch_dims"], kind)
-        forward_solver, backward = problem.floor(forward_solver), problem.floor(backward)
+        forward_solver = problem.floor(forward_solver, what=kind)
         root_fn, solve = build(problem, forward_solver)
         return _implicit(
             problem,

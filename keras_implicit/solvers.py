@@ -6,6 +6,11 @@ non-finite value), so one hard sample costs iterations but never alters the othe
 Loops are `tf.while_loop`s with fixed-shape state, so every solver runs eagerly, in
 `tf.function` and under XLA.
 
+Every solver returns, per row, the best iterate it evaluated (the lowest residual) and
+that iterate's residual: past the precision of the dtype, iterates wander (Broyden's
+rank-one updates of roundoff can throw a row from 1e-8 to 1e-1), so the last iterate
+is not the answer. Tracking costs two `tf.where`s per iteration and no evaluation.
+
 Residual convention (reported in `SolverStats.residual` and compared with `tol`):
 for a fixed point z = T(z) it is ||T(z) - z|| / (1 + ||z||) per row, for a root F(y) = 0
 it is ||F(y)|| / (1 + ||y||): relative for large iterates, absolute near zero.
@@ -28,7 +33,8 @@ class SolverStats(NamedTuple):
     Attributes:
         iterations: int32, iterations used (per batch element where batched; -1 when
             the solver is a user's black box that does not report it).
-        residual: the final residual (see module docstring), per batch element.
+        residual: the residual of the returned iterate (see module docstring), per batch
+            element.
         converged: bool, residual <= tol and finite, per batch element.
     """
 
@@ -44,6 +50,20 @@ def relative_residual(step: tf.Tensor, z: tf.Tensor) -> tf.Tensor:
 def _freeze(active: tf.Tensor, new: tf.Tensor, old: tf.Tensor) -> tf.Tensor:
     """Keeps rows that are no longer active unchanged."""
     return tf.where(active[:, None], new, old)
+
+
+def _keep_best(active, res, z, best_res, best_z):
+    """Per active row, (res, z) replaces the best seen when its residual is lower.
+
+    A NaN residual is never lower, so a broken evaluation never replaces a good iterate.
+    """
+    better = tf.logical_and(active, res < best_res)
+    return tf.where(better, res, best_res), _freeze(better, z, best_z)
+
+
+def _no_residual(batch, dtype):
+    """The residual of an iterate not yet evaluated: worse than any evaluated one."""
+    return tf.fill([batch], tf.constant(float("inf"), dtype))
 
 
 class Solver:
@@ -125,26 +145,27 @@ class FixedPointIteration(Solver):
             damping = tf.constant(self.damping, dtype)
             tol = tf.constant(self.tol, dtype)
 
-            def body(iteration, active, z, residual, iterations):
+            def body(iteration, active, z, best, residual, iterations):
                 tz = fixed_point_map(z)
                 step = tz - z
                 res = relative_residual(step, z)
+                residual, best = _keep_best(active, res, z, residual, best)
                 # a row leaves the loop when converged or broken (non-finite)
                 done = tf.logical_or(res <= tol, tf.logical_not(tf.math.is_finite(res)))
                 move = tf.logical_and(active, tf.logical_not(done))
                 z = _freeze(move, z + damping * step, z)
-                residual = tf.where(active, res, residual)
                 iterations = iterations + tf.cast(active, tf.int32)
-                return iteration + 1, move, z, residual, iterations
+                return iteration + 1, move, z, best, residual, iterations
 
             state = (
                 tf.constant(0),
                 tf.ones([batch], tf.bool),
                 z0,
-                tf.fill([batch], tf.constant(float("inf"), dtype)),
+                z0,
+                _no_residual(batch, dtype),
                 tf.zeros([batch], tf.int32),
             )
-            _, _, z, residual, iterations = _loop(body, state, self.max_iter)
+            _, _, _, z, residual, iterations = _loop(body, state, self.max_iter)
             converged = residual <= tol
             return z, SolverStats(iterations, residual, converged)
 
@@ -199,9 +220,10 @@ class Anderson(Solver):
             eye = tf.eye(m, dtype=dtype)
             tiny = tf.constant(1e-30 if dtype == tf.float64 else 1e-20, dtype)
 
-            def body(iteration, active, z, residual, iterations, xs, fs):
+            def body(iteration, active, z, best, residual, iterations, xs, fs):
                 tz = fixed_point_map(z)
                 res = relative_residual(tz - z, z)
+                residual, best = _keep_best(active, res, z, residual, best)
                 done = tf.logical_or(res <= tol, tf.logical_not(tf.math.is_finite(res)))
                 move = tf.logical_and(active, tf.logical_not(done))
 
@@ -227,20 +249,20 @@ class Anderson(Solver):
                 # a singular mixing step must not poison a row: fall back to T(z)
                 mixed = tf.where(finite_rows(mixed)[:, None], mixed, tz)
                 z = _freeze(move, mixed, z)
-                residual = tf.where(active, res, residual)
                 iterations = iterations + tf.cast(active, tf.int32)
-                return iteration + 1, move, z, residual, iterations, xs, fs
+                return iteration + 1, move, z, best, residual, iterations, xs, fs
 
             state = (
                 tf.constant(0),
                 tf.ones([batch], tf.bool),
                 z0,
-                tf.fill([batch], tf.constant(float("inf"), dtype)),
+                z0,
+                _no_residual(batch, dtype),
                 tf.zeros([batch], tf.int32),
                 tf.zeros(history_shape, dtype),
                 tf.zeros(history_shape, dtype),
             )
-            _, _, z, residual, iterations, _, _ = _loop(body, state, self.max_iter)
+            _, _, _, z, residual, iterations, _, _ = _loop(body, state, self.max_iter)
             return z, SolverStats(iterations, residual, residual <= tol)
 
 
@@ -251,7 +273,8 @@ def broyden_root(residual_map, y0, *, tol, max_iter, memory, residual_fn=None):
     buffer), starting from the identity: right for F(y) = y - T(y) with T contractive,
     and for the linear residual A x - b with A close to the identity. Step: y <- y - H F(y).
 
-    `residual_fn(F, y)` gives the per-row residual compared with tol.
+    `residual_fn(F, y)` gives the per-row residual compared with tol. Returns the
+    evaluated point with the lowest residual per row, and that residual.
     """
     residual_fn = residual_fn or relative_residual
     dtype = y0.dtype
@@ -265,11 +288,12 @@ def broyden_root(residual_map, y0, *, tol, max_iter, memory, residual_fn=None):
     def apply_ht(us, vs, x):  # H^T x = x + V (U^T x)
         return x + tf.einsum("bmd,bm->bd", vs, tf.einsum("bmd,bd->bm", us, x))
 
-    def body(iteration, active, y, fy, residual, iterations, us, vs):
+    def body(iteration, active, y, fy, best, residual, iterations, us, vs):
         step = -apply_h(us, vs, fy)
         y_new = y + step
         f_new = residual_map(y_new)
         res = residual_fn(f_new, y_new)
+        residual, best = _keep_best(active, res, y_new, residual, best)
         broken = tf.logical_not(tf.math.is_finite(res))
         move = tf.logical_and(active, tf.logical_not(broken))
 
@@ -286,24 +310,25 @@ def broyden_root(residual_map, y0, *, tol, max_iter, memory, residual_fn=None):
 
         y = _freeze(move, y_new, y)
         fy = _freeze(move, f_new, fy)
-        residual = tf.where(active, res, residual)
         iterations = iterations + tf.cast(active, tf.int32)
         still = tf.logical_and(move, res > tol)
-        return iteration + 1, still, y, fy, residual, iterations, us, vs
+        return iteration + 1, still, y, fy, best, residual, iterations, us, vs
 
     f0 = residual_map(y0)
     res0 = residual_fn(f0, y0)
+    finite0 = tf.math.is_finite(res0)
     state = (
         tf.constant(0),
-        tf.logical_and(res0 > tol, tf.math.is_finite(res0)),
+        tf.logical_and(res0 > tol, finite0),
         y0,
         f0,
-        res0,
+        y0,
+        tf.where(finite0, res0, _no_residual(batch, dtype)),
         tf.zeros([batch], tf.int32),
         tf.zeros(buffer_shape, dtype),
         tf.zeros(buffer_shape, dtype),
     )
-    _, _, y, _, residual, iterations, _, _ = _loop(body, state, max_iter)
+    _, _, _, _, y, residual, iterations, _, _ = _loop(body, state, max_iter)
     return y, SolverStats(iterations, residual, residual <= tol)
 
 
@@ -361,22 +386,52 @@ class LBFGS(Solver):
         """value_and_gradient: [B, D] -> ([B], [B, D]). Returns (x, SolverStats)."""
         import tensorflow_probability as tfp
 
-        with tf.name_scope("lbfgs"):
-            result = tfp.optimizer.lbfgs_minimize(
+        settings = {
+            "num_correction_pairs": self.memory,
+            # TFP's test is on the gradient's sup-norm; ours (checked afterwards) is
+            # the scaled 2-norm, so ask TFP for a little more than we need.
+            "tolerance": self.tol / 10.0,
+            "x_tolerance": 0.0,
+            "f_relative_tolerance": 0.0,
+        }
+
+        def advance(previous, iterations):
+            return tfp.optimizer.lbfgs_minimize(
                 value_and_gradient,
-                initial_position=x0,
-                num_correction_pairs=self.memory,
-                # TFP's test is on the gradient's sup-norm; ours (checked afterwards) is
-                # the scaled 2-norm, so ask TFP for a little more than we need.
-                tolerance=self.tol / 10.0,
-                x_tolerance=0.0,
-                f_relative_tolerance=0.0,
-                max_iterations=self.max_iter,
+                initial_position=None,
+                previous_optimizer_results=previous,
+                max_iterations=iterations,
+                **settings,
             )
-            x = result.position
-            res = relative_residual(result.objective_gradient, x)
-            iterations = tf.fill(tf.shape(res), tf.cast(result.num_iterations, tf.int32))
-            return x, SolverStats(iterations, res, res <= tf.constant(self.tol, x.dtype))
+
+        with tf.name_scope("lbfgs"):
+            dtype = x0.dtype
+            batch = tf.shape(x0)[0]
+            # TFP keeps only its last position, so its loop is resumed one iteration at
+            # a time (no re-evaluation: the state carries value and gradient) and the
+            # best position per row is kept here.
+            start = tfp.optimizer.lbfgs_minimize(
+                value_and_gradient, initial_position=x0, max_iterations=0, **settings
+            )
+            res0 = relative_residual(start.objective_gradient, x0)
+            best_res0 = tf.where(tf.math.is_finite(res0), res0, _no_residual(batch, dtype))
+
+            def cond(results, best, residual):
+                del best, residual
+                running = tf.logical_not(tf.reduce_all(results.converged | results.failed))
+                return tf.logical_and(running, results.num_iterations < self.max_iter)
+
+            def body(results, best, residual):
+                results = advance(results, results.num_iterations + 1)
+                res = relative_residual(results.objective_gradient, results.position)
+                residual, best = _keep_best(
+                    tf.ones([batch], tf.bool), res, results.position, residual, best
+                )
+                return results, best, residual
+
+            results, x, residual = while_loop(cond, body, (start, x0, best_res0))
+            iterations = tf.fill([batch], tf.cast(results.num_iterations, tf.int32))
+            return x, SolverStats(iterations, residual, residual <= tf.constant(self.tol, dtype))
 
     def solve_root(self, residual_map, y0):
         raise ValueError(
