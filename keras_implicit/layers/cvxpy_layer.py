@@ -123,15 +123,48 @@ def _recovery_matrix(variable, lowered_size):
     return scipy.sparse.coo_array(np.stack(columns, axis=1))
 
 
-def canonicalize(problem, parameters, variables, gp=False) -> dict:
+def _dual_maps(problem, constraints, chain, inverse, n, m) -> list:
+    """Each constraint's dual as a linear map of the conic dual y (m,): cvxpy's own
+    solution recovery (slicing, sign and PSD scaling conventions) applied to unit vectors."""
+    columns = []
+    for k in range(m):
+        unit = np.zeros(m)
+        unit[k] = 1.0
+        raw = {
+            "x": np.zeros(n),
+            "y": unit,
+            "s": np.zeros(m),
+            "info": {"status_val": 1, "solve_time": 0, "setup_time": 0, "iter": 0, "pobj": 0.0},
+        }
+        problem.unpack_results(raw, chain, inverse)
+        columns.append([np.asarray(c.dual_value, dtype="float64") for c in constraints])
+    maps = []
+    for index in range(len(constraints)):
+        matrix = np.stack([col[index].reshape(-1, order="F") for col in columns], axis=1)
+        shape = list(np.shape(columns[0][index]))
+        maps.append({"shape": shape, "map": _coo(scipy.sparse.coo_array(matrix))})
+    # leave the user's problem without the probes' values
+    for variable in problem.variables():
+        variable.value = None
+    for constraint in problem.constraints:
+        for dual in constraint.dual_variables:
+            dual.value = None
+    return maps
+
+
+def canonicalize(problem, parameters, variables, gp=False, duals=()) -> dict:
     """The parametrized cone program of a DPP cvxpy problem, as plain lists (JSON-able).
 
     Returns a dict with the cone dims, the sparse maps `c_map` ((n + 1) x (P + 1)) and
-    `A_map` (m (n + 1) x (P + 1)), each parameter's shape and column offset in p, and
-    each requested variable's shape and offset in x.
+    `A_map` (m (n + 1) x (P + 1)), each parameter's shape and column offset in p, each
+    requested variable's shape and offset in x, and each requested dual's map from y.
     """
     cp = _import_cvxpy()
     _check_lists(problem, parameters, variables, cp)
+    duals = list(duals)
+    unknown = [c for c in duals if not any(c is own for own in problem.constraints)]
+    if unknown:
+        raise ValueError(f"`duals` must be constraints of the problem. Received: {unknown!r}")
     dpp = problem.is_dgp(dpp=True) if gp else problem.is_dcp(dpp=True)
     if not dpp:
         kind = "DGP" if gp else "DCP"
@@ -181,6 +214,9 @@ def canonicalize(problem, parameters, variables, gp=False) -> dict:
         "A_map": _coo(program.A),
         "parameters": param_entries,
         "variables": var_entries,
+        "duals": _dual_maps(problem, duals, chain, inverse, program.x.size, data["A"].shape[0])
+        if duals
+        else [],
         "gp": bool(gp),
     }
 
@@ -216,21 +252,24 @@ def _unflatten_column_major(t: tf.Tensor, shape) -> tf.Tensor:
 class CvxpyLayer(keras.layers.Layer):
     """A DPP cvxpy problem as a layer: parameter tensors in, optimal variables out.
 
-    Args:
-      problem: a `cvxpy.Problem` that is DPP (DGP with `gp=True`).
-      parameters: the problem's `cvxpy.Parameter`s, in the order `call` receives them.
-      variables: the `cvxpy.Variable`s to return, in that order.
-      gp: solve a log-log convex (geometric) program.
-      return_status: also return the int32 per-row status (0 solved; the codes of
-        `ConeProgram.STATUS_NAMES`).
-      **solver_settings: passed to the conic solver (`ConeProgram`): tol, max_iter,
-        rho, sigma, alpha, check_interval, backward_tol, backward_max_iter,
-        on_failure (where supported).
+        Args:
+          problem: a `cvxpy.Problem` that is DPP (DGP with `gp=True`).
+          parameters: the problem's `cvxpy.Parameter`s, in the order `call` receives them.
+          variables: the `cvxpy.Variable`s to return, in that order.
+          gp: solve a log-log convex (geometric) program.
+          duals: constraints of the problem whose optimal dual values to return too (after
+            the variables, in cvxpy's shapes and sign conventions).
+          return_status: also return the int32 per-row status (0 solved; the codes of
+            `ConeProgram.STATUS_NAMES`).
+          **solver_settings: passed to the conic solver (`ConeProgram`): tol, max_iter,
+            rho, sigma, alpha, check_interval, backward_tol, backward_max_iter,
+            on_failure (where supported).
 
-    Call: the parameter values as a list (or one tensor for one parameter), each of the
-    parameter's shape or with one leading batch axis; batched and unbatched values mix
-    (the unbatched ones are shared by the batch). Returns the variables (a list, or
-    one tensor for one variable) with a leading batch axis when any input had one.
+        Call: the parameter values as a list (or one tensor for one parameter), each of the
+        parameter's shape or with one leading batch axis; batched and unbatched values mix
+        (the unbatched ones are shared by the batch). Returns the variables (a list, or
+        one tensor for one variable), then the requested duals, then the status if asked, each
+    with a leading batch axis when any input had one.
     """
 
     def __init__(
@@ -239,6 +278,7 @@ class CvxpyLayer(keras.layers.Layer):
         parameters=None,
         variables=None,
         gp=False,
+        duals=(),
         return_status=False,
         canonical=None,
         **kwargs,
@@ -247,7 +287,7 @@ class CvxpyLayer(keras.layers.Layer):
         layer_kwargs = {k: kwargs.pop(k) for k in layer_keys if k in kwargs}
         super().__init__(**layer_kwargs)
         if canonical is None:
-            canonical = canonicalize(problem, parameters or [], variables or [], gp=gp)
+            canonical = canonicalize(problem, parameters or [], variables or [], gp=gp, duals=duals)
         elif problem is not None:
             raise ValueError("Pass either a cvxpy `problem` or its `canonical` form, not both.")
         self.canonical = canonical
@@ -256,6 +296,7 @@ class CvxpyLayer(keras.layers.Layer):
         self.program = ConeProgram(
             canonical["cone"],
             return_status=True,
+            return_duals=bool(canonical["duals"]),
             dtype=self.dtype_policy,
             name="cone_program",
             **self.solver_settings,
@@ -339,7 +380,7 @@ class CvxpyLayer(keras.layers.Layer):
         dtype = tf.as_dtype(self.program.compute_dtype)
         p, any_batched = self._parameter_vector(values, dtype)
         c, A, b = self._program_data(p)
-        x, status = self.program({"c": c, "A": A, "b": b})
+        x, *y, status = self.program({"c": c, "A": A, "b": b})
         outputs = []
         for entry in self.canonical["variables"]:
             piece = x[:, entry["offset"] : entry["offset"] + entry["size"]]
@@ -349,6 +390,9 @@ class CvxpyLayer(keras.layers.Layer):
             if self.canonical["gp"]:
                 value = tf.exp(value)
             outputs.append(value if any_batched else value[0])
+        for entry in self.canonical["duals"]:
+            dual = _unflatten_column_major(_apply_sparse(entry["map"], y[0]), entry["shape"])
+            outputs.append(dual if any_batched else dual[0])
         if self.return_status:
             outputs.append(status if any_batched else status[0])
         return outputs[0] if len(outputs) == 1 else outputs
@@ -364,6 +408,10 @@ class CvxpyLayer(keras.layers.Layer):
         specs = [
             keras.KerasTensor(lead + tuple(e["shape"]), dtype=self.compute_dtype)
             for e in self.canonical["variables"]
+        ]
+        specs += [
+            keras.KerasTensor(lead + tuple(e["shape"]), dtype=self.compute_dtype)
+            for e in self.canonical["duals"]
         ]
         if self.return_status:
             specs.append(keras.KerasTensor(lead, dtype="int32"))

@@ -81,6 +81,31 @@ def test_qp_solution_and_gradients_match_cvxpy():
         np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
 
 
+def test_duals_match_cvxpy_for_inequality_equality_and_psd_constraints():
+    rng = np.random.default_rng(4)
+    n = 3
+    G, h, x = cp.Parameter((4, n)), cp.Parameter(4), cp.Variable(n)
+    X = cp.Variable((2, 2), symmetric=True)
+    constraints = [G @ x <= h, cp.sum(x) == 1, X >> 0, cp.trace(X) == 1]
+    problem = cp.Problem(
+        cp.Minimize(cp.sum_squares(x - 2) + cp.sum(cp.multiply(np.array([[1, 0.5], [0.5, 2]]), X))),
+        constraints,
+    )
+    layer = ki.layers.CvxpyLayer(problem, [G, h], [x, X], duals=constraints, **TIGHT)
+    assert x.value is None and constraints[0].dual_value is None  # the probes left no trace
+    G.value = rng.normal(size=(4, n))
+    h.value = G.value @ np.array([0.5, 0.3, 0.2]) + np.array([0.0, 0.5, 0.5, 0.5])
+    outputs = [t.numpy() for t in tf.function(layer)([tf.constant(G.value), tf.constant(h.value)])]
+    _solve_reference(problem)
+    # Clarabel ends ~1e-6 from the optimum on this PSD problem
+    for ours, theirs in zip(outputs, [x.value, X.value, *(c.dual_value for c in constraints)]):
+        np.testing.assert_allclose(ours, theirs, atol=2e-5)
+    x_opt, _, lam, nu, _, _ = outputs
+    assert lam.max() > 1e-3  # an inequality is active
+    # KKT stationarity of the x block with our duals, to our own tolerance
+    np.testing.assert_allclose(2 * (x_opt - 2) + G.value.T @ lam + nu, 0.0, atol=1e-7)
+
+
 def test_l1_least_squares_lp_batched_rows_match_cvxpy():
     """cvxpylayers' docstring example (an LP after canonicalization), a batch of A."""
     rng = np.random.default_rng(1)
