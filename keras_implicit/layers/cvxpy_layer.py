@@ -363,6 +363,11 @@ class CvxpyLayer(keras.layers.Layer):
         p = tf.concat([piece for _, piece in pieces] + [ones], axis=1)
         return p, any_batched
 
+    def build(self, input_shape=None):
+        n = self.canonical["n"]
+        m = self.canonical["A_map"]["shape"][0] // (n + 1)
+        self.program.build({"c": (None, n), "A": (None, m, n), "b": (None, m)})
+
     # ------------------------------------------------------------------ call
 
     def _program_data(self, p):

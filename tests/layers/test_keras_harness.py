@@ -58,6 +58,20 @@ CONE_PARAMS = {
     "b": np.concatenate([np.ones(1), np.zeros(4)]),
 }
 
+
+def _simplex_qp_problem():
+    """min 1/2 ||x||^2 - q^T x over the simplex, as a cvxpy problem (None without cvxpy)."""
+    try:
+        import cvxpy as cp
+    except ImportError:
+        return None
+    q, x = cp.Parameter(4), cp.Variable(4)
+    problem = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(x) - q @ x), [x >= 0, cp.sum(x) == 1])
+    return {"problem": problem, "parameters": [q], "variables": [x]}
+
+
+CVXPY_PARAMS = _simplex_qp_problem()
+
 # (id, layer class, init kwargs, input shape or data, expected output shape)
 CASES = [
     ("sparsemax", ki.layers.Sparsemax, {}, (2, 5), (2, 5)),
@@ -89,6 +103,8 @@ CASES = [
     ("qp", ki.layers.QuadraticProgram, QP_PARAMS, (2, 4), (2, 4)),
     ("cone_program", ki.layers.ConeProgram, CONE_PARAMS, (2, 4), (2, 4)),
 ]
+if CVXPY_PARAMS is not None:
+    CASES.append(("cvxpy_layer", ki.layers.CvxpyLayer, CVXPY_PARAMS, (2, 4), (2, 4)))
 IDS = [case[0] for case in CASES]
 
 
