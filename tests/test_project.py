@@ -90,6 +90,8 @@ def test_public_api_contract():
         "SimplexProjection",
         "PSDProjection",
         "QuadraticProgram",
+        "ConeProgram",
+        "CvxpyLayer",
     ):
         assert hasattr(ki.layers, name), name
     for name in (
