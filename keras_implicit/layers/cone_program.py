@@ -23,7 +23,8 @@ Infeasibility: every `check_interval` steps the iterate differences are tested a
 certificates (COSMO's, the ADMM analogue of SCS's tau -> 0, kappa > 0 rays of the
 homogeneous embedding): dy in K*, A^T dy ~ 0, b^T dy < 0 flags a row primal
 infeasible; -A dx in K, c^T dx < 0 flags it dual infeasible (unbounded). Both
-tests are relative to the size of the difference, with tolerance 1e-5.
+tests are relative to the size of the difference, with tolerance 1e-5 (at least
+1e3 machine epsilons of the solve dtype: float32 rounding hides smaller ones).
 
 Backward: implicit differentiation of that fixed point with `ki.custom_fixed_point`
 (matrix-free GMRES on (I - J^T) u = g, J the Jacobian of the ADMM map, whose cone
@@ -34,7 +35,8 @@ Outputs: x (B, n); with `return_duals=True` also y (B, m) (the dual, in K*); wit
 `return_status=True` also status (B,) int32, the codes of `QuadraticProgram`:
 0 solved, 1 max_iter, 2 primal infeasible, 3 dual infeasible (unbounded),
 4 numerical error (`ConeProgram.STATUS_NAMES`). Rows not solved hold the last
-iterate: mask them with the status.
+iterate: mask them with the status. They are reported under `on_failure` ("warn",
+"raise" or "ignore"), through the same policy as `QuadraticProgram`.
 """
 
 from __future__ import annotations
@@ -45,15 +47,24 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_implicit import _validation
+from keras_implicit import _policy, _validation
 from keras_implicit import implicit as _implicit
 from keras_implicit import ops as kops
 from keras_implicit.layers import _qp_solver as qps
-from keras_implicit.layers.qp import program_output_spec
+from keras_implicit.layers.qp import (
+    cast_input,
+    check_input_names,
+    normalize_inputs,
+    program_output_spec,
+    report_status,
+    solve_dtype,
+    to_compute_dtype,
+)
 
 __all__ = ["ConeProgram", "project_cone", "validate_cone"]
 
 _KEYS = ("z", "l", "q", "s", "ep")
+INPUT_NAMES = ("c", "A", "b")
 INFEASIBLE_TOL = 1e-5  # relative tolerance of the infeasibility certificates
 # the per-row status codes, shared with QuadraticProgram
 STATUS_NAMES = {
@@ -224,7 +235,9 @@ def _solve(c, A, b, cone, settings, batch):
     sigma = tf.constant(settings["sigma"], dtype)
     alpha = tf.constant(settings["alpha"], dtype)
     eps = tf.constant(settings["tol"], dtype)
-    eps_inf = tf.constant(settings.get("infeasible_tol", INFEASIBLE_TOL), dtype)
+    eps_inf = tf.constant(
+        qps.infeasible_tol(settings.get("infeasible_tol", INFEASIBLE_TOL), dtype), dtype
+    )
     inv = _inverse(A, rho, sigma)
     n, m = tf.shape(c)[-1], tf.shape(b)[-1]
     x, s, y = tf.zeros([batch, n], dtype), tf.zeros([batch, m], dtype), tf.zeros([batch, m], dtype)
@@ -338,15 +351,26 @@ class ConeProgram(keras.layers.Layer):
       cone: SCS-style dict (see the module docstring).
       A, b: optional arrays held by the layer (constant; learnable if named in
         `trainable_params`); otherwise passed in `call`.
+      input_names: the parameters `call` receives, in order, when `call` gets a
+        list/tuple or a single tensor. Default: those of c, A, b not given as arrays,
+        in that order. Not needed when `call` gets a dict.
       return_duals, return_status: extra outputs (dual y in K*, int32 status).
-      tol, max_iter, rho, sigma, alpha, check_interval: ADMM settings.
-      backward_tol, backward_max_iter: the GMRES solve of the implicit gradient.
+      tol: ADMM tolerance (default 1e-7 in float64, 1e-4 otherwise). max_iter, rho,
+        sigma, alpha, check_interval: ADMM settings.
+      backward_tol, backward_max_iter: the GMRES solve of the implicit gradient
+        (backward_tol default 1e-9 in float64, 1e-5 otherwise). Tolerances below 100
+        machine epsilons of the solve dtype are raised to that floor, with one warning.
+      on_failure: "warn" (default), "raise" or "ignore" for rows not solved, as for
+        `QuadraticProgram` (under XLA: "raise" sets those rows to NaN; read the status).
 
     STATUS_NAMES: status code -> name (0 solved, 1 max_iter, 2 primal_infeasible,
       3 dual_infeasible, 4 numerical_error), as for QuadraticProgram.
 
     Call: a dict with "c" (B, n) and, unless held by the layer, "A" (B, m, n) and
-    "b" (B, m); m must equal the cone dimension.
+    "b" (B, m) (m must equal the cone dimension); or a list/tuple in the order of
+    `input_names`; or one tensor when exactly one parameter is an input.
+    Under a mixed precision policy the solve runs in float32 and the outputs come
+    back in the compute dtype.
     """
 
     STATUS_NAMES = STATUS_NAMES
@@ -357,16 +381,18 @@ class ConeProgram(keras.layers.Layer):
         A=None,
         b=None,
         trainable_params=(),
+        input_names=None,
         return_duals=False,
         return_status=False,
-        tol=1e-7,
+        tol=None,
         max_iter=5000,
         rho=1.0,
         sigma=1e-6,
         alpha=1.6,
         check_interval=25,
-        backward_tol=1e-9,
+        backward_tol=None,
         backward_max_iter=200,
+        on_failure="warn",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -392,6 +418,8 @@ class ConeProgram(keras.layers.Layer):
                 f"b must have {m} entries (the cone dimension of {self._cone_config}). "
                 f"Received: b.shape={self._arrays['b'].shape}"
             )
+        if isinstance(trainable_params, str):
+            trainable_params = (trainable_params,)
         trainable_params = tuple(trainable_params or ())
         if any(k not in self._arrays for k in trainable_params):
             raise ValueError(
@@ -399,37 +427,83 @@ class ConeProgram(keras.layers.Layer):
                 f"Received: trainable_params={trainable_params!r}"
             )
         self.trainable_params = trainable_params
+        self.input_names = check_input_names(input_names, INPUT_NAMES, self._arrays)
         self.return_duals = bool(return_duals)
         self.return_status = bool(return_status)
         self.settings = {
-            "tol": _validation.positive_float("tol", tol),
+            "tol": None if tol is None else _validation.positive_float("tol", tol),
             "max_iter": _validation.positive_int("max_iter", max_iter),
             "rho": _validation.positive_float("rho", rho),
             "sigma": _validation.positive_float("sigma", sigma),
             "alpha": _validation.float_in_range("alpha", alpha, 0.0, 2.0, low_open=True),
             "check_interval": _validation.positive_int("check_interval", check_interval),
-            "backward_tol": _validation.positive_float("backward_tol", backward_tol),
+            "backward_tol": (
+                None
+                if backward_tol is None
+                else _validation.positive_float("backward_tol", backward_tol)
+            ),
             "backward_max_iter": _validation.positive_int("backward_max_iter", backward_max_iter),
         }
+        if alpha >= 2.0:
+            raise ValueError(f"`alpha` must be in (0, 2). Received: alpha={alpha!r}")
+        self.on_failure = _policy.check_policy(on_failure)
+        # the settings the solve runs with: tolerances resolved and floored for the
+        # solve dtype (warned once here, not at every call)
+        dtype = solve_dtype(self)
+        wide = dtype == tf.float64
+        solve_settings = dict(self.settings)
+        for key, default in (
+            ("tol", 1e-7 if wide else 1e-4),
+            ("backward_tol", 1e-9 if wide else 1e-5),
+        ):
+            value = default if solve_settings[key] is None else solve_settings[key]
+            solve_settings[key] = _policy.floored_tol(value, dtype, name=key, what="ConeProgram")
+        self._solve_settings = solve_settings
         self._vars = {}
+        self._input_keys = None
 
-    def build(self, input_shape):
+    def _normalize(self, inputs):
+        return normalize_inputs(inputs, INPUT_NAMES, self._arrays, self.input_names, "ConeProgram")
+
+    def _check_shapes(self, shapes):
+        """Ranks, n and m of the input shapes (batch axis first); unknown sizes pass."""
         m = cone_dim(self.cone)
-        if not isinstance(input_shape, dict) or "c" not in input_shape:
-            raise ValueError(
-                f"ConeProgram is called on a dict with key 'c'. Received: {input_shape!r}"
-            )
         for k in ("A", "b"):
-            if (k in input_shape) == (k in self._arrays):
+            if (k in shapes) == (k in self._arrays):
                 raise ValueError(
                     f"`{k}` must be either a layer array or an input, not both/neither. "
-                    f"Received input keys {sorted(input_shape)} with arrays {sorted(self._arrays)}"
+                    f"Received input keys {sorted(shapes)} with arrays {sorted(self._arrays)}"
                 )
-        b_shape = input_shape.get("b")
-        if b_shape is not None and b_shape[-1] is not None and b_shape[-1] != m:
+        if "c" not in shapes:
             raise ValueError(
-                f"b must have {m} entries (cone dimension). Received: b.shape={tuple(b_shape)}"
+                f"ConeProgram needs `c` as an input. Received input keys {sorted(shapes)}"
             )
+        ranks = {"c": 2, "A": 3, "b": 2}
+        dims = {"c": ("n",), "A": ("m", "n"), "b": ("m",)}
+        sizes = {"m": (m, "the cone")}
+        if "A" in self._arrays:
+            sizes["n"] = (self._arrays["A"].shape[1], "A")
+        for k, shape in shapes.items():
+            shape = tuple(shape)
+            if len(shape) != ranks[k]:
+                raise ValueError(
+                    f"Input `{k}` must have shape (batch, {', '.join(dims[k])}). "
+                    f"Received: {k}.shape={shape}"
+                )
+            for name, size in zip(dims[k], shape[1:]):
+                if size is None:
+                    continue
+                if name in sizes and sizes[name][0] != size:
+                    raise ValueError(
+                        f"Inconsistent ConeProgram sizes: {name}={sizes[name][0]} from "
+                        f"{sizes[name][1]} but {size} from `{k}`. Received: {k}.shape={shape}"
+                    )
+                sizes.setdefault(name, (size, f"`{k}`"))
+
+    def build(self, input_shape):
+        shapes = self._normalize(input_shape)
+        self._check_shapes(shapes)
+        self._input_keys = tuple(k for k in INPUT_NAMES if k in shapes)
         for k, arr in self._arrays.items():
             self._vars[k] = self.add_weight(
                 name=k,
@@ -439,18 +513,27 @@ class ConeProgram(keras.layers.Layer):
             )
 
     def call(self, inputs):
-        dtype = tf.as_dtype(self.compute_dtype)
-        c = tf.cast(inputs["c"], dtype)
+        inputs = self._normalize(inputs)
+        keys = tuple(k for k in INPUT_NAMES if k in inputs)
+        if keys != self._input_keys:
+            raise ValueError(
+                f"ConeProgram was built with inputs {self._input_keys}. Received: {keys}"
+            )
+        self._check_shapes({k: v.shape for k, v in inputs.items()})
+        dtype = solve_dtype(self)
+        c = cast_input("c", inputs["c"], dtype, "ConeProgram")
         batch = tf.shape(c)[0]
 
-        def get(k, tail_rank):
+        def get(k):
             if k in inputs:
-                return tf.cast(inputs[k], dtype)
+                return cast_input(k, inputs[k], dtype, "ConeProgram")
             v = tf.cast(self._vars[k], dtype)
             return tf.broadcast_to(v, tf.concat([[batch], tf.shape(v)], 0))
 
-        A, b = get("A", 2), get("b", 1)
-        x, y, status = solve_cone_program(c, A, b, self.cone, self.settings)
+        A, b = get("A"), get("b")
+        x, y, status = solve_cone_program(c, A, b, self.cone, self._solve_settings)
+        x, y = report_status((x, y), status, self.on_failure, "ConeProgram")
+        x, y = to_compute_dtype(self, (x, y))
         out = [x]
         if self.return_duals:
             out.append(y)
@@ -459,7 +542,8 @@ class ConeProgram(keras.layers.Layer):
         return out[0] if len(out) == 1 else tuple(out)
 
     def compute_output_shape(self, input_shape):
-        batch, n = tuple(input_shape["c"])
+        shapes = self._normalize(input_shape)
+        batch, n = tuple(shapes["c"])
         out = [(batch, n)]
         if self.return_duals:
             out.append((batch, cone_dim(self.cone)))
@@ -468,7 +552,7 @@ class ConeProgram(keras.layers.Layer):
         return out[0] if len(out) == 1 else tuple(out)
 
     def compute_output_spec(self, inputs):
-        shapes = self.compute_output_shape({k: v.shape for k, v in inputs.items()})
+        shapes = self.compute_output_shape({k: v.shape for k, v in self._normalize(inputs).items()})
         return program_output_spec(self, shapes)
 
     def get_config(self):
@@ -477,8 +561,10 @@ class ConeProgram(keras.layers.Layer):
         config.update(
             cone=self._cone_config,
             trainable_params=list(self.trainable_params),
+            input_names=None if self.input_names is None else list(self.input_names),
             return_duals=self.return_duals,
             return_status=self.return_status,
+            on_failure=self.on_failure,
             **self.settings,
         )
         return config

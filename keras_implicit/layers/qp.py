@@ -39,15 +39,14 @@ other unsolved row; the other rows are unaffected.
 
 from __future__ import annotations
 
-import sys
-import warnings
+import dataclasses
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from keras_implicit import _policy, _validation
-from keras_implicit.errors import ConvergenceError, ConvergenceWarning
+from keras_implicit._structure import compute_dtype
 from keras_implicit.layers import _qp_solver as qps
 
 __all__ = ["QuadraticProgram", "solve_qp"]
@@ -238,42 +237,93 @@ def solve_qp(params: dict, batched: dict, settings: qps.Settings, check_psd=None
 # ------------------------------------------------------------------ the layer
 
 
-def _report(x, status, on_failure, what="QuadraticProgram"):
-    """The failure policy of `ki.fixed_point`, driven by the per-row status."""
-    if on_failure == "ignore":
-        return x
-    if tf.executing_eagerly():
+def report_status(outputs, status, on_failure, what):
+    """The failure policy (`_policy.apply`) driven by the per-row status of a program.
+
+    outputs: a structure of [B, ...] tensors; eagerly the message counts the rows by
+    status name; in a graph the count is printed (or asserted); under XLA "raise" sets
+    the failed rows to NaN (the status output carries the rest).
+    """
+
+    def message(bad):
         codes = status.numpy()
-        bad = codes != qps.SOLVED
-        if bad.any():
-            counts = {STATUS_NAMES[c]: int((codes == c).sum()) for c in np.unique(codes[bad])}
-            msg = (
-                f"{what}: {int(bad.sum())} of {codes.size} problems not solved {counts}; "
-                "their rows are the last iterate and get a zero gradient "
-                "(use return_status=True to mask them)."
+        counts = {STATUS_NAMES[int(c)]: int((codes == c).sum()) for c in np.unique(codes[bad])}
+        return (
+            f"{what}: {int(bad.sum())} of {codes.size} problems not solved {counts}; "
+            "their rows are the last iterate and get a zero gradient "
+            "(use return_status=True to mask them)."
+        )
+
+    return _policy.apply(
+        outputs,
+        tf.equal(status, qps.SOLVED),
+        on_failure=on_failure,
+        what=what,
+        message=message,
+        graph_message=f"{what}: problems not solved (see the status output):",
+    )
+
+
+def normalize_inputs(inputs, names, held, input_names, what):
+    """A program layer's inputs (dict, list/tuple, one tensor, or their shapes) -> dict.
+
+    names: every parameter name in order; held: names given as arrays (not inputs);
+    input_names: the order of positional inputs (default: the names not held).
+    """
+    if isinstance(inputs, dict):
+        bad = [k for k in inputs if k not in names or k in held]
+        if bad:
+            raise ValueError(
+                f"{what} inputs must be keyed by names from {names} that were not given as "
+                f"arrays (given: {sorted(held)}). Received keys: {sorted(inputs)}"
             )
-            if on_failure == "raise":
-                raise ConvergenceError(msg)
-            warnings.warn(msg, ConvergenceWarning, stacklevel=_policy.user_stacklevel())
-        return x
-    if _policy.in_xla_context():
-        return x  # XLA can neither print nor raise: the status output carries it
-    all_ok = tf.reduce_all(tf.equal(status, qps.SOLVED))
-    n_bad = tf.reduce_sum(tf.cast(tf.not_equal(status, qps.SOLVED), tf.int32))
-    prefix = f"{what}: problems not solved (see status codes):"
-    if on_failure == "raise":
-        check = tf.debugging.Assert(all_ok, [prefix, n_bad])
-    else:
+        return dict(inputs)
+    order = tuple(input_names or (k for k in names if k not in held))
+    seq = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+    # a bare shape tuple (ints or None) is one input
+    if isinstance(inputs, (list, tuple)) and inputs and not hasattr(inputs[0], "__len__"):
+        seq = [inputs]
+    if len(seq) != len(order):
+        raise ValueError(
+            f"{what} expected {len(order)} input(s) {order} (set `input_names` or pass a "
+            f"dict). Received: {len(seq)} input(s)"
+        )
+    return dict(zip(order, seq))
 
-        def report():
-            with tf.control_dependencies(
-                [tf.print("ConvergenceWarning:", prefix, n_bad, output_stream=sys.stderr)]
-            ):
-                return tf.constant(True)
 
-        check = tf.cond(all_ok, lambda: tf.constant(True), report)
-    with tf.control_dependencies([check]):
-        return tf.identity(x)
+def check_input_names(input_names, names, held):
+    """Validates a program layer's `input_names` (None: the names not held, in order)."""
+    if input_names is None:
+        return None
+    input_names = (input_names,) if isinstance(input_names, str) else tuple(input_names)
+    bad = [k for k in input_names if k not in names or k in held]
+    if bad or len(set(input_names)) != len(input_names):
+        raise ValueError(
+            f"`input_names` must be distinct names from {names} not given as arrays "
+            f"(given: {sorted(held)}). Received: input_names={input_names!r}"
+        )
+    return input_names
+
+
+def cast_input(name, value, dtype, what):
+    """A program layer's input as a `dtype` tensor; non-real dtypes are refused."""
+    t = tf.convert_to_tensor(value)
+    if not (t.dtype.is_floating or t.dtype.is_integer) or t.dtype.is_complex:
+        raise ValueError(
+            f"{what} input `{name}` must hold real numbers. Received: {name}.dtype={t.dtype.name}"
+        )
+    return tf.cast(t, dtype)
+
+
+def solve_dtype(layer) -> tf.DType:
+    """The dtype a program layer solves in: its compute dtype, float32 for half ones."""
+    return compute_dtype(tf.as_dtype(layer.compute_dtype))
+
+
+def to_compute_dtype(layer, outputs):
+    """Floating outputs cast to the layer's compute dtype (mixed policies)."""
+    dtype = tf.as_dtype(layer.compute_dtype)
+    return tf.nest.map_structure(lambda t: t if t.dtype == dtype else tf.cast(t, dtype), outputs)
 
 
 def _as_array(name, value):
@@ -375,15 +425,7 @@ class QuadraticProgram(keras.layers.Layer):
                     f"({sorted(self._arrays)}). Received: trainable_params={trainable_params!r}"
                 )
         self.trainable_params = trainable_params
-        if input_names is not None:
-            input_names = tuple(input_names)
-            bad = [k for k in input_names if k not in NAMES or k in self._arrays]
-            if bad or len(set(input_names)) != len(input_names):
-                raise ValueError(
-                    f"`input_names` must be distinct names from {NAMES} not given as arrays "
-                    f"(given: {sorted(self._arrays)}). Received: input_names={input_names!r}"
-                )
-        self.input_names = input_names
+        self.input_names = check_input_names(input_names, NAMES, self._arrays)
         self.return_duals = bool(return_duals)
         self.return_status = bool(return_status)
         self.settings = qps.Settings(
@@ -399,37 +441,22 @@ class QuadraticProgram(keras.layers.Layer):
         if alpha >= 2.0:
             raise ValueError(f"`alpha` must be in (0, 2). Received: alpha={alpha!r}")
         self.on_failure = _policy.check_policy(on_failure)
+        # the settings the solve runs with: tol resolved and floored for the solve dtype
+        # (warned once here, not at every call)
+        dtype = solve_dtype(self)
+        solve_settings = qps.resolve(self.settings, dtype)
+        floored = _policy.floored_tol(
+            solve_settings.tol, dtype, name="tol", what="QuadraticProgram"
+        )
+        self._solve_settings = dataclasses.replace(solve_settings, tol=floored)
         self._weights_by_name = {}
         self._input_keys = None
 
     # ------------------------------------------------------------ inputs and shapes
 
-    def _default_input_names(self):
-        return tuple(k for k in NAMES if k not in self._arrays)
-
     def _normalize(self, inputs):
         """inputs -> dict name -> value (tensor or shape)."""
-        if isinstance(inputs, dict):
-            bad = [k for k in inputs if k not in NAMES]
-            clash = [k for k in inputs if k in self._arrays]
-            if bad or clash:
-                raise ValueError(
-                    f"QuadraticProgram inputs must be keyed by names from {NAMES} that were not "
-                    f"given as arrays (given: {sorted(self._arrays)}). Received keys: "
-                    f"{sorted(inputs)}"
-                )
-            return dict(inputs)
-        names = self.input_names or self._default_input_names()
-        seq = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
-        # a bare shape tuple (ints) is one input
-        if isinstance(inputs, (list, tuple)) and inputs and not hasattr(inputs[0], "__len__"):
-            seq = [inputs]
-        if len(seq) != len(names):
-            raise ValueError(
-                f"QuadraticProgram expected {len(names)} input(s) {names} (set `input_names` "
-                f"or pass a dict). Received: {len(seq)} input(s)"
-            )
-        return dict(zip(names, seq))
+        return normalize_inputs(inputs, NAMES, self._arrays, self.input_names, "QuadraticProgram")
 
     def _sizes(self, shapes):
         """Resolves n, p, m from arrays and input shapes (batched: leading axis dropped)."""
@@ -487,7 +514,8 @@ class QuadraticProgram(keras.layers.Layer):
         params, batched = {}, {}
         for k in NAMES:
             if k in inputs:
-                params[k], batched[k] = tf.cast(inputs[k], dtype), True
+                params[k] = cast_input(k, inputs[k], dtype, "QuadraticProgram")
+                batched[k] = True
             elif k in self._weights_by_name:
                 params[k], batched[k] = tf.cast(self._weights_by_name[k], dtype), False
             else:
@@ -503,11 +531,11 @@ class QuadraticProgram(keras.layers.Layer):
                 f"QuadraticProgram was built with inputs {self._input_keys}. Received: {keys}"
             )
         self._sizes({k: v.shape for k, v in inputs.items()})  # shape checks with values
-        dtype = tf.as_dtype(self.compute_dtype)
-        params, batched = self._param_tensors(inputs, dtype)
+        params, batched = self._param_tensors(inputs, solve_dtype(self))
         check = batched["Q"] or "Q" in self.trainable_params
-        x, nu, lam, status, _ = solve_qp(params, batched, self.settings, check_psd=check)
-        x = _report(x, status, self.on_failure)
+        x, nu, lam, status, _ = solve_qp(params, batched, self._solve_settings, check_psd=check)
+        x, nu, lam = report_status((x, nu, lam), status, self.on_failure, "QuadraticProgram")
+        x, nu, lam = to_compute_dtype(self, (x, nu, lam))
         out = [x]
         if self.return_duals:
             out += [nu, lam]
