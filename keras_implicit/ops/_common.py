@@ -131,6 +131,43 @@ def safe_norm(x: tf.Tensor) -> tf.Tensor:
     return tf.sqrt(tf.maximum(sq, np.finfo(x.dtype.as_numpy_dtype).tiny))
 
 
+def power_of_two_scale(m: tf.Tensor) -> tf.Tensor:
+    """A power of two within a factor of 2 of `m` (1 where `m` is 0 or not finite).
+
+    Dividing by it is exact, so homogeneous ops can work on O(1) values (no squares
+    that overflow at 1e20 or underflow at 1e-20 in float32) and scale back exactly.
+    """
+    info = np.finfo(m.dtype.as_numpy_dtype)
+    ok = tf.logical_and(m > 0, tf.math.is_finite(m))
+    safe = tf.where(ok, m, tf.ones_like(m))
+    exponent = tf.clip_by_value(
+        tf.round(tf.math.log(safe) / np.log(2.0)), float(info.minexp), float(info.maxexp - 1)
+    )
+    return tf.pow(tf.constant(2.0, m.dtype), exponent)
+
+
+def max_abs_scale(x: tf.Tensor) -> tf.Tensor:
+    """`power_of_two_scale` of max|x| over the last axis (kept), without gradient."""
+    return tf.stop_gradient(power_of_two_scale(tf.reduce_max(tf.abs(x), axis=-1, keepdims=True)))
+
+
+def unit_and_norm(x: tf.Tensor):
+    """(x/||x||, ||x||) over the last axis (norm kept), free of over/underflow.
+
+    Both come from x/m with m a power of two near max|x|, so the squares are O(1).
+    The unit vector is 0 where x = 0 and its gradient stays finite there (the
+    squared norm is clamped at the smallest normal number, as in `safe_norm`). The
+    norm is for comparisons (no gradient); it is inf only if the true norm exceeds
+    the largest float.
+    """
+    m = max_abs_scale(x)
+    xs = x / m
+    sq = sum_last(tf.square(xs))
+    tiny = np.finfo(x.dtype.as_numpy_dtype).tiny
+    unit = xs * tf.math.rsqrt(tf.maximum(sq, tiny))
+    return unit, tf.stop_gradient(m * tf.sqrt(sq))
+
+
 def upcast_half(x: tf.Tensor):
     """float16/bfloat16 inputs are computed in float32 (eigh and exp need the range)."""
     if x.dtype in (tf.float16, tf.bfloat16):

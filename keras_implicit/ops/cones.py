@@ -28,8 +28,13 @@ def _soc_core(x):
     # stop_gradient: the forward pass must not be differentiated op by op (also not
     # by forward-mode accumulators); the custom gradient below is the derivative.
     x = tf.stop_gradient(x)
-    t = x[..., :1]
-    v = x[..., 1:]
+    # The projection is positively homogeneous and its Jacobian 0-homogeneous: both
+    # are evaluated at x/k, k a power of two near max|x| (exact), so that ||v||^2
+    # neither overflows (|x| ~ 1e20 in float32) nor underflows (|x| ~ 1e-20).
+    k = c.max_abs_scale(x)
+    xn = x / k
+    t = xn[..., :1]
+    v = xn[..., 1:]
     s = tf.sqrt(c.sum_last(tf.square(v)))
     polar = s <= -t  # includes the apex 0 and the polar cone's boundary
     interior = tf.logical_and(s < t, tf.logical_not(polar))
@@ -38,7 +43,7 @@ def _soc_core(x):
     s_safe = c.safe_norm(v)
     u = v / s_safe
     half = 0.5 * (t + s)
-    boundary_value = tf.concat([half, half * u], axis=-1)
+    boundary_value = k * tf.concat([half, half * u], axis=-1)
     zero = tf.zeros_like(x)
     y = tf.where(polar, zero, tf.where(interior, x, boundary_value))
 
@@ -71,14 +76,14 @@ def projection_second_order_cone(x):
       `[[1/2, u^T/2], [u/2, (1 + t/s)/2 I - (t/(2s)) u u^T]]`.
     """
     with tf.name_scope("projection_second_order_cone"):
-        x = c.as_float_tensor(x)
+        x, original = c.upcast_half(c.as_float_tensor(x))
         c.require_rank(x, 1)
         if x.shape[-1] is not None and x.shape[-1] < 1:
             raise ValueError(
                 f"The last axis of `x` must hold (t, v) with at least t. Received: "
                 f"x.shape={x.shape}"
             )
-        return _soc_core(x)
+        return c.restore_dtype(_soc_core(x), original)
 
 
 # --------------------------------------------------------------------------------------
@@ -97,11 +102,17 @@ def _psd_core(x):
     # matrices are solved as 0 and reported as NaN, leaving the other rows intact.
     finite = tf.reduce_all(tf.math.is_finite(x), axis=[-2, -1], keepdims=True)
     x = tf.where(finite, x, tf.zeros_like(x))
-    sym = 0.5 * (x + _transpose(x))
+    # Solved for x/k, k a power of two near max|x| (exact; the projection is
+    # positively homogeneous and Gamma below 0-homogeneous), so that neither the
+    # symmetrization nor an eigensolver that squares entries (XLA's Jacobi) over-
+    # or underflows.
+    k = c.power_of_two_scale(tf.reduce_max(tf.abs(x), axis=[-2, -1], keepdims=True))
+    xk = x / k
+    sym = 0.5 * (xk + _transpose(xk))
     lam, vec = tf.linalg.eigh(sym)
     lam_pos = tf.nn.relu(lam)
     y = tf.matmul(vec * lam_pos[..., tf.newaxis, :], vec, transpose_b=True)
-    y = 0.5 * (y + _transpose(y))  # exactly symmetric despite rounding
+    y = (0.5 * (y + _transpose(y))) * k  # exactly symmetric despite rounding
     y = tf.where(finite, y, tf.fill(tf.shape(y), tf.constant(np.nan, y.dtype)))
 
     def grad(g):
@@ -368,14 +379,18 @@ def _exp_classify(r, s, t):
 def _exp_forward(v):
     """Returns (projection, case, rho, v/||v||) for points v (..., 3)."""
     dtype = v.dtype
-    # ||v|| computed as m ||v/m||, m = max|v|, so that neither 1e-300 nor 1e300
-    # under/overflows when squared. (TF flushes subnormal numbers to zero on CPU.)
-    big = tf.reduce_max(tf.abs(v), axis=-1)
-    big_safe = tf.where(big > 0, big, tf.ones_like(big))
-    norm = big * tf.norm(v / big_safe[..., tf.newaxis], axis=-1)
+    # The projection is positively homogeneous; it is solved for w = v/||v||, with
+    # ||v|| = k ||v/k||, k a power of two near max|v|, so that neither 1e-300 nor
+    # 1e300 under/overflows when squared. It is scaled back in two steps (by
+    # ||v/k|| <= 2 sqrt(3), then exactly by k), so it can only overflow where the
+    # projection itself is beyond the largest float. (TF flushes subnormal numbers to
+    # zero on CPU.)
+    k = c.power_of_two_scale(tf.reduce_max(tf.abs(v), axis=-1))[..., tf.newaxis]
+    vk = v / k
+    norm = tf.norm(vk, axis=-1)
     scale = tf.where(norm > 0, norm, tf.ones_like(norm))
     # Normalization also lets the NaN of a non-finite row stay in that row only.
-    w = v / scale[..., tf.newaxis]
+    w = vk / scale[..., tf.newaxis]
     r, s, t = w[..., 0], w[..., 1], w[..., 2]
     polar, special, interior, on_boundary = _exp_classify(r, s, t)
     general = ~(polar | special | interior | on_boundary)
@@ -441,13 +456,15 @@ def _exp_forward(v):
             tf.where(interior, _CASE_INTERIOR, tf.where(on_boundary, _CASE_SMOOTH, general_case)),
         ),
     )
-    out = out * scale[..., tf.newaxis]
     # A non-finite input row yields NaN (every comparison above was False for it).
+    # The select also sits between the two scalings: grappler would otherwise
+    # reorder the chain of products into out * (scale * k), which overflows.
     out = tf.where(
-        tf.math.is_finite(norm)[..., tf.newaxis],
-        out,
+        tf.reduce_all(tf.math.is_finite(v), axis=-1, keepdims=True),
+        out * scale[..., tf.newaxis],
         tf.fill(tf.shape(out), tf.constant(np.nan, dtype)),
     )
+    out = out * k
     # rho only matters for smooth-case rows; zero it elsewhere so that no NaN or inf
     # enters the (linear) gradient, even multiplied by zero in forward-over-reverse.
     rho = tf.where(tf.equal(case, _CASE_SMOOTH), rho, tf.zeros_like(rho))

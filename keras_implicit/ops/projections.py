@@ -118,16 +118,16 @@ def projection_l2_ball(x, radius=1.0):
       the derivative w.r.t. the radius is `x/||x||`. At `x = 0, radius = 0` both are 0.
     """
     with tf.name_scope("projection_l2_ball"):
-        x = c.as_float_tensor(x)
+        x, original = c.upcast_half(c.as_float_tensor(x))
         c.require_rank(x, 1)
         r = c.per_vector(c.as_param(radius, x.dtype, "radius", c.non_negative), x)
-        sq = c.sum_last(tf.square(x))  # one pass over x
-        inside = sq < tf.square(r)
-        # The clamp keeps the unused branch finite so its (masked) gradient is 0, not
-        # NaN. Testing `inside` (not `outside`) lets a NaN row fall in the NaN branch.
-        tiny = np.finfo(x.dtype.as_numpy_dtype).tiny
-        scale = tf.where(inside, tf.ones_like(r), r * tf.math.rsqrt(tf.maximum(sq, tiny)))
-        return x * scale
+        # The norm and direction come from x rescaled by a power of two, so neither
+        # over- nor underflows at any scale; the direction's gradient is finite at 0,
+        # so the unused branch's (masked) gradient is 0, not NaN. Testing `inside`
+        # (not `outside`) lets a NaN row fall in the NaN branch.
+        unit, norm = c.unit_and_norm(x)
+        inside = norm < r
+        return c.restore_dtype(tf.where(inside, x, r * unit), original)
 
 
 def projection_l2_sphere(x, radius=1.0):
@@ -145,17 +145,29 @@ def projection_l2_sphere(x, radius=1.0):
       radius `x/||x||`; at `x = 0` the Jacobian w.r.t. `x` is 0 and w.r.t. the radius `e_1`.
     """
     with tf.name_scope("projection_l2_sphere"):
-        x = c.as_float_tensor(x)
+        x, original = c.upcast_half(c.as_float_tensor(x))
         c.require_rank(x, 1)
         r = c.per_vector(c.as_param(radius, x.dtype, "radius", c.non_negative), x)
-        sq = c.sum_last(tf.square(x))
+        unit, norm = c.unit_and_norm(x)  # rescaled: no over/underflow at any scale
         e1 = tf.one_hot(0, tf.shape(x)[-1], dtype=x.dtype)
-        direction = tf.where(tf.equal(sq, 0), e1, x / c.safe_norm(x))  # NaN stays NaN
-        return r * direction
+        direction = tf.where(tf.equal(norm, 0), e1, unit)  # NaN stays NaN
+        return c.restore_dtype(r * direction, original)
 
 
 def _dot(a, b):
     return c.sum_last(a * b)
+
+
+def _normalized_plane(x, a, b):
+    """(a, b) as tensors, both divided by a power of two near max|a| (no gradient).
+
+    The set {a^T y = b} (or <= b) does not change, so neither do the projection and
+    its gradients, but ||a||^2 can no longer over- or underflow.
+    """
+    a = c.as_param(a, x.dtype, "a", c.finite)
+    b = c.per_vector(c.as_param(b, x.dtype, "b", c.finite), x)
+    k = c.max_abs_scale(a)
+    return a / k, b / k
 
 
 def _safe_sq_norm(a):
@@ -177,13 +189,12 @@ def projection_hyperplane(x, a, b=0.0):
       b: offset, number or tensor broadcastable to `x.shape[:-1]`.
     """
     with tf.name_scope("projection_hyperplane"):
-        x = c.as_float_tensor(x)
+        x, original = c.upcast_half(c.as_float_tensor(x))
         c.require_rank(x, 1)
-        a = c.as_param(a, x.dtype, "a", c.finite)
-        b = c.per_vector(c.as_param(b, x.dtype, "b", c.finite), x)
+        a, b = _normalized_plane(x, a, b)
         sq, divisor = _safe_sq_norm(a)
         step = tf.where(tf.equal(sq, 0), tf.zeros_like(b), (_dot(a, x) - b) / divisor)
-        return x - step * a
+        return c.restore_dtype(x - step * a, original)
 
 
 def projection_halfspace(x, a, b=0.0):
@@ -200,17 +211,16 @@ def projection_halfspace(x, a, b=0.0):
       b: offset, number or tensor broadcastable to `x.shape[:-1]`.
     """
     with tf.name_scope("projection_halfspace"):
-        x = c.as_float_tensor(x)
+        x, original = c.upcast_half(c.as_float_tensor(x))
         c.require_rank(x, 1)
-        a = c.as_param(a, x.dtype, "a", c.finite)
-        b = c.per_vector(c.as_param(b, x.dtype, "b", c.finite), x)
+        a, b = _normalized_plane(x, a, b)
         sq, divisor = _safe_sq_norm(a)
         violation = _dot(a, x) - b
         # Written as "inactive" so that a NaN violation propagates instead of being
         # silently treated as feasible.
         inactive = tf.logical_or(violation < 0, tf.equal(sq, 0))
         step = tf.where(inactive, tf.zeros_like(violation), violation / divisor)
-        return x - step * a
+        return c.restore_dtype(x - step * a, original)
 
 
 def projection_affine_set(x, A, b):
@@ -228,7 +238,7 @@ def projection_affine_set(x, A, b):
       b: right-hand side `(m,)` or `(..., m)`, broadcastable likewise.
     """
     with tf.name_scope("projection_affine_set"):
-        x = c.as_float_tensor(x)
+        x, original = c.upcast_half(c.as_float_tensor(x))
         c.require_rank(x, 1)
         A = c.as_param(A, x.dtype, "A", c.finite)
         b = c.as_param(b, x.dtype, "b", c.finite)
@@ -245,8 +255,15 @@ def projection_affine_set(x, A, b):
                 f"`A` must have at most as many rows as columns (full row rank). "
                 f"Received: A.shape={A.shape}"
             )
+        # {A y = b} = {(A/k) y = b/k}: with k a power of two near max|A| the QR's
+        # Householder norms neither over- nor underflow (gradients are unchanged,
+        # the set does not depend on k).
+        k = c.power_of_two_scale(tf.reduce_max(tf.abs(A), axis=[-2, -1]))
+        k = tf.stop_gradient(k)[..., tf.newaxis]
+        A = A / k[..., tf.newaxis]
+        b = b / k
         q, r = tf.linalg.qr(tf.linalg.matrix_transpose(A))  # A^T = Q R, Q: (n, m)
         qtx = tf.linalg.matvec(q, x, transpose_a=True)
         # R^{-T} b: lower-triangular solve with R^T.
         w = tf.linalg.triangular_solve(r, b[..., tf.newaxis], lower=False, adjoint=True)
-        return x - tf.linalg.matvec(q, qtx - w[..., 0])
+        return c.restore_dtype(x - tf.linalg.matvec(q, qtx - w[..., 0]), original)

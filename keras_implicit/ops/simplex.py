@@ -3,13 +3,23 @@
 Forward: the projection onto {y >= 0, sum(y) = s} is `max(x - tau, 0)` where tau is
 the root of the piecewise-linear decreasing equation f(tau) = sum(max(x - tau, 0)) - s.
 
-* Exact Newton iterations on f from a lower bound of tau (Michelot's algorithm:
-  tau <- (sum_{x_i > tau} x_i - s) / #{x_i > tau}) increase monotonically and stop,
-  exactly, as soon as the support stops shrinking; on typical data that takes a
-  handful of O(n) passes. They are all vectorized over the batch.
+Scale: tau itself is not computed. With m = max(x), the op solves for
+delta = m - tau, which lies in [s/n, s], on the shifted vector z = x - m <= 0, and
+returns `max(z + delta, 0)`. In float32, tau = 3e9 - 1 has no representation (the
+spacing there is 256) and `x - tau` would lose `s` entirely, while z and delta are
+exact or accurate to a few ulps whatever the magnitude of x: the entries that can be
+in the support (z > -s) satisfy x >= m - s, and their difference with m is exact
+whenever s <= m (Sterbenz). When s > 1, z and s are divided by a power of two near s
+for the search, so that no partial sum can overflow even for s near the largest
+float. Rows with a NaN or infinite entry return NaN.
+
+* Exact Newton iterations on f from an upper bound of delta (Michelot's algorithm:
+  delta <- (s - sum_{z_i > -delta} z_i) / #{z_i > -delta}) decrease monotonically
+  and stop, exactly, as soon as the support stops shrinking; on typical data that
+  takes a handful of O(n) passes. They are all vectorized over the batch.
 * Rows that have not finished after `_NEWTON_MAX_ITER` passes fall back to the
-  sort-based O(n log n) formula tau = max_k (sum_{i<=k} u_i - s) / k, u sorted in
-  decreasing order (the maximizing k is the support size). So the worst case is
+  sort-based O(n log n) formula delta = min_k (s - sum_{i<=k} u_i) / k, u = z sorted
+  in decreasing order (the minimizing k is the support size). So the worst case is
   O(n log n) and the typical case O(n) with a small constant; both are XLA-compilable.
 
 Gradient (custom, closed form): with support S = {i : y_i > 0},
@@ -20,6 +30,7 @@ as active, which is an element of the Clarke Jacobian (same convention as relu'(
 
 from __future__ import annotations
 
+import numpy as np
 import tensorflow as tf
 
 from keras_implicit.ops import _common as c
@@ -30,64 +41,79 @@ __all__ = ["projection_l1_ball", "projection_l1_sphere", "projection_simplex", "
 _NEWTON_MAX_ITER = 32
 
 
-def _threshold_sort(x, value):
-    """tau = max_k (cumsum(sorted_desc(x))_k - value) / k  (O(n log n))."""
-    u = tf.sort(x, axis=-1, direction="DESCENDING")
-    n = tf.shape(x)[-1]
-    k = tf.cast(tf.range(1, n + 1), x.dtype)
-    return tf.reduce_max((tf.cumsum(u, axis=-1) - value) / k, axis=-1, keepdims=True)
+def _delta_sort(z, value):
+    """delta = min_k (value - cumsum(sorted_desc(z))_k) / k  (O(n log n))."""
+    u = tf.sort(z, axis=-1, direction="DESCENDING")
+    n = tf.shape(z)[-1]
+    k = tf.cast(tf.range(1, n + 1), z.dtype)
+    return tf.reduce_min((value - tf.cumsum(u, axis=-1)) / k, axis=-1, keepdims=True)
 
 
-def _threshold_newton(x, value, max_iter):
-    """Newton/Michelot iterations; returns (tau, converged) per row."""
-    n = tf.cast(tf.shape(x)[-1], x.dtype)
-    # Both are lower bounds of tau: f(max(x) - s) >= 0 and f(mean(x) - s/n) >= 0.
-    tau0 = tf.maximum(
-        tf.reduce_max(x, axis=-1, keepdims=True) - value,
-        (c.sum_last(x) - value) / n,
-    )
-    count0 = tf.fill(tf.shape(tau0), tf.constant(-1, x.dtype))
+def _delta_newton(z, value, max_iter):
+    """Newton/Michelot iterations on the shifted problem; returns (delta, converged)."""
+    n = tf.cast(tf.shape(z)[-1], z.dtype)
+    # Both are upper bounds of delta (lower bounds of tau): the largest entry of y
+    # is at most `value`, and f(mean(x) - value/n) >= 0. A sum(z) of -inf (entries
+    # whose difference with the max overflowed) makes the second one +inf.
+    delta0 = tf.minimum(value, (value - c.sum_last(z)) / n)
+    count0 = tf.fill(tf.shape(delta0), tf.constant(-1, z.dtype))
 
-    def body(i, tau, count, _):
-        active = x > tau
-        new_count = c.sum_last(tf.cast(active, x.dtype))
-        total = c.sum_last(tf.where(active, x, tf.zeros_like(x)))
-        # An empty support only happens for value == 0 (tau0 = max(x)); keep tau there.
-        new_tau = tf.where(new_count > 0, (total - value) / tf.maximum(new_count, 1), tau)
-        # Same support twice in a row => tau is the exact root. Non-finite rows
-        # (NaN input) are declared done so they cannot hold the batch hostage.
-        done = tf.logical_or(tf.equal(new_count, count), tf.logical_not(tf.math.is_finite(tau)))
-        return i + 1, new_tau, new_count, tf.reduce_all(done)
+    def body(i, delta, count, _):
+        active = z + delta > 0  # the support of the output max(z + delta, 0)
+        new_count = c.sum_last(tf.cast(active, z.dtype))
+        total = c.sum_last(tf.where(active, z, tf.zeros_like(z)))
+        # An empty support only happens for value == 0 (delta = 0); keep delta there.
+        new_delta = tf.where(new_count > 0, (value - total) / tf.maximum(new_count, 1), delta)
+        # Same support twice in a row => delta is the exact root.
+        done = tf.equal(new_count, count)
+        return i + 1, new_delta, new_count, tf.reduce_all(done)
 
-    def cond(i, tau, count, all_done):
+    def cond(i, delta, count, all_done):
         return tf.logical_and(i < max_iter, tf.logical_not(all_done))
 
-    _, tau, count, _ = tf.while_loop(cond, body, (tf.constant(0), tau0, count0, tf.constant(False)))
-    # `count` is from the last pass; convergence means the final tau's support
-    # equals it.
-    final_count = c.sum_last(tf.cast(x > tau, x.dtype))
-    converged = tf.logical_or(
-        tf.logical_or(tf.equal(final_count, count), tf.equal(count, 0)),
-        tf.logical_not(tf.math.is_finite(tau)),
+    _, delta, count, _ = tf.while_loop(
+        cond, body, (tf.constant(0), delta0, count0, tf.constant(False))
     )
-    return tau, converged
+    # `count` is from the last pass; convergence means the final delta's support
+    # equals it.
+    final_count = c.sum_last(tf.cast(z + delta > 0, z.dtype))
+    converged = tf.logical_or(tf.equal(final_count, count), tf.equal(count, 0))
+    return delta, converged
+
+
+def _search_scale(value):
+    """A power of two near `value` when value > 1, else 1 (keeps the search's sums finite)."""
+    dtype = value.dtype
+    max_exponent = float(np.finfo(dtype.as_numpy_dtype).maxexp - 2)
+    exponent = tf.clip_by_value(
+        tf.floor(tf.math.log(tf.maximum(value, 1)) / np.log(2.0)), 0.0, max_exponent
+    )
+    return tf.pow(tf.constant(2.0, dtype), exponent)
 
 
 @c.graph_when_eager  # the Newton loop is slow as eager ops
-def _simplex_threshold_graph(x, value, max_newton_iter):
-    tau, converged = _threshold_newton(x, value, max_newton_iter)
-    return tf.cond(
+def _simplex_graph(x, value, max_newton_iter):
+    finite = tf.reduce_all(tf.math.is_finite(x), axis=-1, keepdims=True)
+    x = tf.where(finite, x, tf.zeros_like(x))  # NaN rows must not hold the loop
+    z = x - tf.reduce_max(x, axis=-1, keepdims=True)
+    scale = _search_scale(value)
+    z_scaled = z / scale
+    value_scaled = value / scale
+    delta, converged = _delta_newton(z_scaled, value_scaled, max_newton_iter)
+    delta = tf.cond(
         tf.reduce_all(converged),
-        lambda: tau,
-        lambda: tf.where(converged, tau, _threshold_sort(x, value)),
+        lambda: delta,
+        lambda: tf.where(converged, delta, _delta_sort(z_scaled, value_scaled)),
     )
+    y = tf.nn.relu(z + delta * scale)
+    return tf.where(finite, y, tf.fill(tf.shape(y), tf.constant(np.nan, y.dtype)))
 
 
-def _simplex_threshold(x, value, max_newton_iter=None):
-    """Threshold tau of the projection of rows of `x` onto {y >= 0, sum y = value}."""
+def _simplex_solve(x, value, max_newton_iter=None):
+    """Projection of the rows of `x` onto {y >= 0, sum y = value} (no gradient)."""
     if max_newton_iter is None:
         max_newton_iter = _NEWTON_MAX_ITER
-    return _simplex_threshold_graph(x, value, tf.constant(max_newton_iter))
+    return _simplex_graph(x, value, tf.constant(max_newton_iter))
 
 
 def _support_vjp(g, support):
@@ -102,9 +128,7 @@ def _support_vjp(g, support):
 def _simplex_core(x, value):
     # stop_gradient on the inputs: neither reverse nor forward mode may look inside
     # the threshold search (a while loop); the custom gradient is the derivative.
-    x = tf.stop_gradient(x)
-    tau = _simplex_threshold(x, tf.stop_gradient(value))
-    y = tf.nn.relu(x - tau)
+    y = _simplex_solve(tf.stop_gradient(x), tf.stop_gradient(value))
 
     def grad(g):
         return _support_vjp(g, y > 0)
@@ -128,10 +152,10 @@ def projection_simplex(x, value=1.0):
       `value` `1_S/|S|`, with S = {i : y_i > 0} (ties x_i == tau are outside S).
     """
     with tf.name_scope("projection_simplex"):
-        x = c.as_float_tensor(x)
+        x, original = c.upcast_half(c.as_float_tensor(x))
         c.require_rank(x, 1)
         value = c.per_vector(c.as_param(value, x.dtype, "value", c.non_negative), x)
-        return _simplex_core(x, value)
+        return c.restore_dtype(_simplex_core(x, value), original)
 
 
 def sparsemax(x):
@@ -140,9 +164,11 @@ def sparsemax(x):
     Equal to `projection_simplex(x, 1.0)` along the last axis; same Jacobian.
     """
     with tf.name_scope("sparsemax"):
-        x = c.as_float_tensor(x)
+        x, original = c.upcast_half(c.as_float_tensor(x))
         c.require_rank(x, 1)
-        return _simplex_core(x, c.per_vector(tf.constant(1.0, x.dtype), x))
+        return c.restore_dtype(
+            _simplex_core(x, c.per_vector(tf.constant(1.0, x.dtype), x)), original
+        )
 
 
 def _signs(x):
@@ -155,9 +181,7 @@ def _signs(x):
 def _l1_sphere_core(x, radius):
     x = tf.stop_gradient(x)
     signs = _signs(x)
-    ax = tf.abs(x)
-    tau = _simplex_threshold(ax, tf.stop_gradient(radius))
-    w = tf.nn.relu(ax - tau)
+    w = _simplex_solve(tf.abs(x), tf.stop_gradient(radius))
 
     def grad(g):
         gw, gr = _support_vjp(g * signs, w > 0)
@@ -173,8 +197,7 @@ def _l1_ball_core(x, radius):
     signs = _signs(x)
     ax = tf.abs(x)
     inside = c.sum_last(ax) < radius
-    tau = _simplex_threshold(ax, radius)
-    w = tf.nn.relu(ax - tau)
+    w = _simplex_solve(ax, radius)
     y = tf.where(inside, x, signs * w)
 
     def grad(g):
@@ -201,10 +224,10 @@ def projection_l1_ball(x, radius=1.0):
       `sign(x) 1_S / |S|`.
     """
     with tf.name_scope("projection_l1_ball"):
-        x = c.as_float_tensor(x)
+        x, original = c.upcast_half(c.as_float_tensor(x))
         c.require_rank(x, 1)
         radius = c.per_vector(c.as_param(radius, x.dtype, "radius", c.non_negative), x)
-        return _l1_ball_core(x, radius)
+        return c.restore_dtype(_l1_ball_core(x, radius), original)
 
 
 def projection_l1_sphere(x, radius=1.0):
@@ -225,7 +248,7 @@ def projection_l1_sphere(x, radius=1.0):
       derivative w.r.t. the radius `sign(x) 1_S/|S|`.
     """
     with tf.name_scope("projection_l1_sphere"):
-        x = c.as_float_tensor(x)
+        x, original = c.upcast_half(c.as_float_tensor(x))
         c.require_rank(x, 1)
         radius = c.per_vector(c.as_param(radius, x.dtype, "radius", c.non_negative), x)
-        return _l1_sphere_core(x, radius)
+        return c.restore_dtype(_l1_sphere_core(x, radius), original)

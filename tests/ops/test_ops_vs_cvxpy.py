@@ -283,7 +283,7 @@ def test_simplex_matches_numpy_sort_reference_on_many_rows():
 
 
 def test_simplex_sort_fallback_path():
-    """Forcing the fallback (1 Newton pass) gives the same threshold as Newton."""
+    """Forcing the fallback (1 Newton pass) gives the same projection as Newton."""
     import tensorflow as tf
 
     from keras_implicit.ops import simplex as simplex_module
@@ -291,14 +291,15 @@ def test_simplex_sort_fallback_path():
     rng = np.random.default_rng(2)
     x = tf.constant(rng.normal(size=(16, 40)))
     value = tf.ones([16, 1], tf.float64)
-    tau_fallback = simplex_module._simplex_threshold(x, value, max_newton_iter=1)
-    tau_newton, converged = simplex_module._threshold_newton(x, value, 64)
+    z = x - tf.reduce_max(x, axis=-1, keepdims=True)
+    delta_newton, converged = simplex_module._delta_newton(z, value, 64)
     assert bool(np.all(converged))
-    tau_sort = simplex_module._threshold_sort(x, value)
-    np.testing.assert_allclose(tau_fallback, tau_sort, atol=1e-13)
-    np.testing.assert_allclose(tau_newton, tau_sort, atol=1e-13)
-    _, converged_one = simplex_module._threshold_newton(x, value, 1)
-    assert not bool(np.all(converged_one))  # the fallback really was exercised
+    delta_sort = simplex_module._delta_sort(z, value)
+    np.testing.assert_allclose(delta_newton, delta_sort, atol=1e-13)
+    _, converged_one = simplex_module._delta_newton(z, value, 1)
+    assert not bool(np.all(converged_one))  # one pass does not finish these rows
+    y_fallback = simplex_module._simplex_solve(x, value, max_newton_iter=1)
+    np.testing.assert_allclose(y_fallback, ref.numpy_simplex(np.asarray(x)), atol=1e-13)
 
 
 def test_simplex_value_per_row():
