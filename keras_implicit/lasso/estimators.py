@@ -17,8 +17,13 @@ and y exactly like scikit-learn, and the logistic model fits an unpenalized inte
 
 Every model stops on its duality gap: ``gap <= tol * ||y - mean(y)||^2 / n`` for the
 squared loss (scikit-learn's rule) and ``gap <= tol * log(2)`` for the logistic loss
-(the objective at zero). ``dual_gap_`` reports the final gap of the (1/n-normalized)
-objective above, ``n_iter_`` the number of working-set iterations.
+(the objective at zero). Tolerances below ``10 * eps`` (2.2e-15, the rounding of
+float64 gaps) are raised to it with a warning. ``dual_gap_`` reports the final gap of
+the (1/n-normalized) objective above, ``n_iter_`` the number of working-set iterations.
+
+Data are converted to float64 and ``coef_`` is float64 whatever the input dtype
+(scikit-learn keeps float32). Arithmetic that overflows on the data raises a
+ValueError (never a converged all-zero model).
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from keras_implicit.lasso._data import (
     check_n_features,
     is_real,
     labels_to_pm1,
+    overflow_error,
 )
 
 
@@ -92,6 +98,14 @@ class _LassoFamily:
 
     def _validate_common(self):
         V.non_negative_float("tol", self.tol)
+        if self.tol < _solver.TOL_FLOOR:
+            warnings.warn(
+                f"`tol={self.tol!r}` is below what float64 duality gaps resolve; "
+                f"{type(self).__name__} stops at tol={_solver.TOL_FLOOR:.1e} instead. "
+                f"Received: tol={self.tol!r}",
+                UserWarning,
+                stacklevel=3,
+            )
         V.positive_int("max_iter", self.max_iter)
         for name in ("fit_intercept", "warm_start"):
             if not isinstance(getattr(self, name), bool | np.bool_):
@@ -123,8 +137,15 @@ class _LassoFamily:
 
     def _prepare_checked(self, X, y) -> Prepared:
         if self.fit_intercept:
-            design, x_mean = Design.centered(X)
-            y_mean = float(np.mean(y))
+            with np.errstate(over="ignore", invalid="ignore"):
+                design, x_mean = Design.centered(X)
+                y_mean = float(np.mean(y))
+            if not (np.all(np.isfinite(x_mean)) and np.isfinite(y_mean)):
+                raise overflow_error(
+                    "the mean of a column of X or of y (centering for fit_intercept=True)",
+                    Design(X),
+                    y,
+                )
             return Prepared(design, y - y_mean, x_mean, y_mean, None)
         return Prepared(Design(X), y, np.zeros(X.shape[1]), 0.0, None)
 
@@ -134,12 +155,52 @@ class _LassoFamily:
         self._validate_common()
         self._validate_penalties()
         data = self._prepare(X, y)
-        start = None
-        previous = getattr(self, "coef_", None) if self.warm_start else None
-        if previous is not None and np.shape(previous) == (data.design.p,):
-            start = (previous, self.intercept_)
+        start = self._warm_start_point(data.design.p) if self.warm_start else None
         self._fit_prepared(data, start)
         return self
+
+    def _warm_start_point(self, n_features: int):
+        """``(coef, intercept)`` to start from with ``warm_start=True``, or None.
+
+        As in scikit-learn, ``coef_`` alone is enough (e.g. set by hand, as a list or
+        an integer array): the squared-loss models recompute the intercept from the
+        centered data, the logistic model starts its intercept at ``intercept_`` if
+        there is one and at 0 otherwise."""
+        if getattr(self, "coef_", None) is None:
+            return None
+        coef = self._coef_array()
+        if coef.shape != (n_features,):
+            raise ValueError(
+                f"`warm_start=True` starts from `coef_`, which has {coef.size} entries, but "
+                f"X has {n_features} features. Set `warm_start=False` or assign a `coef_` "
+                f"with one entry per feature. Received: coef_ of shape {np.shape(self.coef_)}"
+            )
+        if not np.all(np.isfinite(coef)):
+            raise ValueError(
+                "`warm_start=True` starts from `coef_`, which contains NaN or infinity. "
+                "Set `warm_start=False` or assign a finite `coef_`."
+            )
+        intercept = getattr(self, "intercept_", None) if self.fit_intercept else None
+        intercept = 0.0 if intercept is None else float(np.ravel(intercept)[0])
+        if not np.isfinite(intercept):
+            intercept = 0.0
+        return coef, intercept
+
+    def _coef_array(self) -> np.ndarray:
+        """``coef_`` as a 1-D float64 array (it may have been assigned a list)."""
+        try:
+            coef = np.asarray(self.coef_, dtype=np.float64)
+        except (TypeError, ValueError) as err:
+            raise ValueError(
+                f"`coef_` must be a numeric array. Received: coef_={self.coef_!r}"
+            ) from err
+        if coef.ndim == 2 and coef.shape[0] == 1:  # scikit-learn's (1, n_features)
+            coef = coef[0]
+        if coef.ndim != 1:
+            raise ValueError(
+                f"`coef_` must be 1-D (n_features,). Received: coef_ of shape {coef.shape}"
+            )
+        return coef
 
     def _fit_prepared(self, data: Prepared, start=None, tol=None) -> _solver.Solution:
         """Fits on prepared data; ``start = (coef, intercept)`` warm-starts the solver;
@@ -178,15 +239,21 @@ class _LassoFamily:
             )
 
     # -- prediction -----------------------------------------------------------------------
-    def _check_fitted(self):
-        if getattr(self, "coef_", None) is None:
-            raise ValueError(f"This {type(self).__name__} is not fitted yet. Call `fit` first.")
+    def _check_fitted(self, need_intercept=True):
+        if getattr(self, "coef_", None) is None or (
+            need_intercept and getattr(self, "intercept_", None) is None
+        ):
+            raise ValueError(
+                f"This {type(self).__name__} is not fitted yet (it needs `coef_` and "
+                "`intercept_`). Call `fit` first."
+            )
 
     def _decision(self, X):
         self._check_fitted()
+        coef = self._coef_array()
         X = as_design_input(X)
-        check_n_features(X, self.coef_.shape[0])
-        return _linear_predict(X, self.coef_, self.intercept_)
+        check_n_features(X, coef.shape[0])
+        return _linear_predict(X, coef, float(self.intercept_))
 
     def predict(self, X) -> np.ndarray:
         """Linear predictions ``X coef_ + intercept_``."""
@@ -204,8 +271,9 @@ class _LassoFamily:
 
     @property
     def sparse_coef_(self):
-        self._check_fitted()
-        return sp.csr_matrix(self.coef_[None, :])
+        """``coef_`` as a (1, n_features) scipy CSR matrix."""
+        self._check_fitted(need_intercept=False)
+        return sp.csr_matrix(self._coef_array()[None, :])
 
 
 def _check_penalty(name, value):
@@ -266,6 +334,11 @@ class ElasticNet(_LassoFamily):
     scikit-learn's ``ElasticNet(alpha, l1_ratio)`` is ``alpha_l1 = alpha * l1_ratio`` and
     ``alpha_l2 = alpha * (1 - l1_ratio)``; see ``from_sklearn_params`` and
     ``sklearn_params``. Both penalties are hyperparameters (gradient of length 2).
+
+    ``alpha_l2 = 0`` (scikit-learn's ``l1_ratio=1``) fits the Lasso; such a model
+    cannot be tuned on a log scale (``hypergradient`` and ``search`` refuse it: use
+    ``Lasso``). ``alpha_l1`` must be positive: without an l1 penalty the problem is a
+    ridge regression, for which these sparse solvers are the wrong tool.
     """
 
     _penalty_params = ("alpha_l1", "alpha_l2")
@@ -288,7 +361,20 @@ class ElasticNet(_LassoFamily):
 
     @classmethod
     def from_sklearn_params(cls, alpha, l1_ratio, **kwargs):
-        """Builds the model equal to scikit-learn's ``ElasticNet(alpha, l1_ratio)``."""
+        """Builds the model equal to scikit-learn's ``ElasticNet(alpha, l1_ratio)``.
+
+        ``l1_ratio=1`` gives ``alpha_l2=0`` (the Lasso). ``l1_ratio=0`` (a pure ridge
+        penalty, which scikit-learn documents as unreliable for its coordinate
+        descent) is refused."""
+        if not is_real(alpha) or not np.isfinite(alpha) or not alpha > 0:
+            raise ValueError(f"`alpha` must be a positive finite number. Received: alpha={alpha!r}")
+        if is_real(l1_ratio) and l1_ratio == 0:
+            raise ValueError(
+                "`l1_ratio=0` is a pure ridge penalty: ki.lasso models need an l1 "
+                "penalty (alpha_l1 > 0). For a ridge regression use e.g. "
+                "sklearn.linear_model.Ridge(alpha=alpha * n_samples). "
+                f"Received: l1_ratio={l1_ratio!r}"
+            )
         V.float_in_range("l1_ratio", l1_ratio, 0.0, 1.0, low_open=True)
         return cls(alpha_l1=alpha * l1_ratio, alpha_l2=alpha * (1.0 - l1_ratio), **kwargs)
 
@@ -300,7 +386,12 @@ class ElasticNet(_LassoFamily):
 
     def _validate_penalties(self):
         _check_penalty("alpha_l1", self.alpha_l1)
-        _check_penalty("alpha_l2", self.alpha_l2)
+        value = self.alpha_l2
+        if not is_real(value) or not np.isfinite(value) or not value >= 0:
+            raise ValueError(
+                "`alpha_l2` must be a non-negative finite number (0 fits the Lasso). "
+                f"Received: alpha_l2={value!r}"
+            )
 
     def penalty_vectors(self, n_features):
         self._validate_penalties()
@@ -308,6 +399,13 @@ class ElasticNet(_LassoFamily):
 
     def get_log_penalties(self):
         self._validate_penalties()
+        if self.alpha_l2 == 0:
+            raise ValueError(
+                "An ElasticNet with `alpha_l2=0` (scikit-learn's l1_ratio=1) is a Lasso: "
+                "its ridge penalty has no logarithm, so it cannot be tuned on a log "
+                "scale. Use ki.lasso.Lasso(alpha=alpha_l1) for hypergradients and "
+                f"search, or a positive alpha_l2. Received: alpha_l2={self.alpha_l2!r}"
+            )
         return np.log([float(self.alpha_l1), float(self.alpha_l2)])
 
     def set_log_penalties(self, log_penalties):

@@ -176,7 +176,7 @@ def external_gap(model, data):
         r = y - design.matvec(coef).numpy()
         xtr = design.rmatvec(r).numpy() / n
         gap, _ = _kernels.quadratic_gap(xtr, y @ r / n, r @ r / n, coef, alphas, l2)
-        return float(gap), model.tol * float(y @ y) / n
+        return float(gap), max(model.tol, _solver.TOL_FLOOR) * float(y @ y) / n
     y = data.target
     z = design.matvec(coef).numpy() + model.intercept_
     prob = 0.5 * (1.0 + np.tanh(-0.5 * y * z))
@@ -186,7 +186,7 @@ def external_gap(model, data):
     if model.fit_intercept:
         g0 = float(y @ prob) / n
         gap += g0 * g0 / (2.0 * max(float(np.sum(prob * (1 - prob))) / n, 1e-300))
-    return gap, model.tol * np.log(2.0)
+    return gap, max(model.tol, _solver.TOL_FLOOR) * np.log(2.0)
 
 
 # ---------------------------------------------------------------------------------
@@ -345,6 +345,7 @@ def _check_model(model):
         )
     model._validate_common()
     model._validate_penalties()
+    model.get_log_penalties()  # refuses penalties without a logarithm (alpha_l2=0)
 
 
 def _checked_inputs(X, y, state):
@@ -426,6 +427,15 @@ def hypergradient(
             "solves several inner problems. Pass `solver=` instead."
         )
     gradient = np.asarray(model.log_penalty_gradient(grad_alphas, grad_l2), dtype=np.float64)
+    if not (np.isfinite(value) and np.all(np.isfinite(gradient))):
+        # The inner fits check their own arithmetic; this is the criterion's (e.g.
+        # validation data or a supplied solution too large for float64).
+        raise ValueError(
+            f"The criterion or its hypergradient is not finite (value {value!r}, gradient "
+            f"{gradient.tolist() if gradient.size <= 4 else 'with non-finite entries'}): "
+            "float64 arithmetic overflowed on this data. Rescale X, y and the "
+            "validation data (e.g. standardize the columns) before tuning."
+        )
     info.seconds = time.perf_counter() - tic
     if return_info:
         return float(value), gradient, info

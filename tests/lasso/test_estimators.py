@@ -152,7 +152,7 @@ def test_get_set_params_and_clone():
     [
         (L.Lasso(alpha=-1.0), r"Received: alpha=-1.0"),
         (L.Lasso(alpha=0.0), r"Received: alpha=0.0"),
-        (L.ElasticNet(alpha_l1=1.0, alpha_l2=0), r"Received: alpha_l2=0"),
+        (L.ElasticNet(alpha_l1=1.0, alpha_l2=-0.5), r"Received: alpha_l2=-0.5"),
         (L.WeightedLasso(alphas=[1.0, -2.0, 1.0]), r"Received: alphas\[1\]=-2.0"),
         (L.SparseLogisticRegression(alpha=np.nan), r"Received: alpha=nan"),
         (L.Lasso(max_iter=0), r"Received: max_iter=0"),
