@@ -86,21 +86,23 @@ def tol_floor(dtype, ulps: float = TOL_FLOOR_ULPS) -> float:
     return float(ulps * np.finfo(tf.as_dtype(dtype).as_numpy_dtype).eps)
 
 
-def floored_tol(tol: float, dtype, *, name: str, what: str, ulps: float = TOL_FLOOR_ULPS):
-    """`tol` raised to `tol_floor(dtype)`, with one warning when it is raised.
+def floored_tols(tols: dict, dtype, *, what: str, ulps: float = TOL_FLOOR_ULPS) -> dict:
+    """`tols` (name -> value) raised to `tol_floor(dtype)`; one warning names the raised ones.
 
     Callers that hold state (a layer) call it once, so the warning is given once.
     """
     floor = tol_floor(dtype, ulps)
-    if tol >= floor:
-        return tol
-    warnings.warn(
-        f"{what}: {name}={tol:.3g} is below what a solve in {tf.as_dtype(dtype).name} can "
-        f"reach ({ulps:g} machine epsilons); using {name}={floor:.3g}. Received: {name}={tol!r}",
-        ConvergenceWarning,
-        stacklevel=user_stacklevel(),
-    )
-    return floor
+    low = {name: value for name, value in tols.items() if value < floor}
+    if low:
+        names = ", ".join(f"{name}={floor:.3g}" for name in low)
+        received = ", ".join(f"{name}={value!r}" for name, value in low.items())
+        warnings.warn(
+            f"{what}: tolerances below what a solve in {tf.as_dtype(dtype).name} can reach "
+            f"({ulps:g} machine epsilons) are raised to it; using {names}. Received: {received}",
+            ConvergenceWarning,
+            stacklevel=user_stacklevel(),
+        )
+    return {name: max(value, floor) for name, value in tols.items()}
 
 
 def apply(

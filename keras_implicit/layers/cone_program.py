@@ -358,7 +358,7 @@ class ConeProgram(keras.layers.Layer):
       tol: ADMM tolerance (default 1e-7 in float64, 1e-4 otherwise). max_iter, rho,
         sigma, alpha, check_interval: ADMM settings.
       backward_tol, backward_max_iter: the GMRES solve of the implicit gradient
-        (backward_tol default 1e-9 in float64, 1e-5 otherwise). Tolerances below 100
+        (backward_tol default 1e-9 in float64, 1.2e-5 otherwise). Tolerances below 100
         machine epsilons of the solve dtype are raised to that floor, with one warning.
       on_failure: "warn" (default), "raise" or "ignore" for rows not solved, as for
         `QuadraticProgram` (under XLA: "raise" sets those rows to NaN; read the status).
@@ -451,13 +451,14 @@ class ConeProgram(keras.layers.Layer):
         # solve dtype (warned once here, not at every call)
         dtype = solve_dtype(self)
         wide = dtype == tf.float64
+        defaults = {"tol": 1e-7 if wide else 1e-4, "backward_tol": 1e-9 if wide else 0.0}
+        given = {k: self.settings[k] for k in defaults if self.settings[k] is not None}
+        # defaults take the floor silently (float32's backward_tol is the floor itself);
+        # tolerances the user gave are floored with one warning
+        floor = _policy.tol_floor(dtype)
         solve_settings = dict(self.settings)
-        for key, default in (
-            ("tol", 1e-7 if wide else 1e-4),
-            ("backward_tol", 1e-9 if wide else 1e-5),
-        ):
-            value = default if solve_settings[key] is None else solve_settings[key]
-            solve_settings[key] = _policy.floored_tol(value, dtype, name=key, what="ConeProgram")
+        solve_settings.update({k: max(v, floor) for k, v in defaults.items()})
+        solve_settings.update(_policy.floored_tols(given, dtype, what="ConeProgram"))
         self._solve_settings = solve_settings
         self._vars = {}
         self._input_keys = None

@@ -445,10 +445,8 @@ class QuadraticProgram(keras.layers.Layer):
         # (warned once here, not at every call)
         dtype = solve_dtype(self)
         solve_settings = qps.resolve(self.settings, dtype)
-        floored = _policy.floored_tol(
-            solve_settings.tol, dtype, name="tol", what="QuadraticProgram"
-        )
-        self._solve_settings = dataclasses.replace(solve_settings, tol=floored)
+        floored = _policy.floored_tols({"tol": solve_settings.tol}, dtype, what="QuadraticProgram")
+        self._solve_settings = dataclasses.replace(solve_settings, **floored)
         self._weights_by_name = {}
         self._input_keys = None
 

@@ -5,10 +5,14 @@ one failure policy for both layers (eager, graph, XLA), the same input forms, mi
 precision, unknown batch dimensions, and bad rows that never touch the good ones.
 """
 
+import warnings
+
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from keras_implicit.errors import ConvergenceError, ConvergenceWarning
+from keras_implicit.layers import ConeProgram, QuadraticProgram
 from keras_implicit.layers import _qp_solver as qps
 from keras_implicit.layers.qp import solve_qp
 
@@ -37,24 +41,162 @@ def box_section_qps(rng, batch=4, n=5):
     }
 
 
+def unbounded_lps(rng, batch=4, n=5):
+    """min q^T z, q > 0, z <= 1, in box_section_qps's shapes (0 = 0, and 0 <= 1 rows)."""
+    G = np.concatenate([np.eye(n), np.zeros((n, n))])
+    return {
+        "Q": np.zeros((batch, n, n)),
+        "q": rng.uniform(0.5, 1.0, (batch, n)),
+        "A": np.zeros((batch, 1, n)),
+        "b": np.zeros((batch, 1)),
+        "G": np.broadcast_to(G, (batch, 2 * n, n)),
+        "h": np.ones((batch, 2 * n)),
+    }
+
+
 @pytest.mark.parametrize("dtype", [tf.float32, tf.float64])
 def test_infeasible_and_unbounded_certified_in_the_compute_dtype(dtype):
     rng = np.random.default_rng(7)
-    d = box_section_qps(rng, batch=16)
+    infeasible, unbounded = box_section_qps(rng, batch=8), unbounded_lps(rng)
+    d = {k: np.concatenate([infeasible[k], unbounded[k]]) for k in NAMES}
     _, _, _, status, iters = _solve(d, dtype)
-    assert status.numpy().tolist() == [qps.PRIMAL_INFEASIBLE] * 16
+    expected = [qps.PRIMAL_INFEASIBLE] * 8 + [qps.DUAL_INFEASIBLE] * 4
+    assert status.numpy().tolist() == expected
     # certified within a quarter of the 4000-iteration budget (float32 used to run it out)
     assert iters.numpy().max() <= 1000
-    # an unbounded LP: min q^T z, q > 0, z <= 1
-    n = 5
-    unbounded = {
-        "Q": np.zeros((4, n, n)),
-        "q": rng.uniform(0.5, 1.0, (4, n)),
-        "A": np.zeros((4, 0, n)),
-        "b": np.zeros((4, 0)),
-        "G": np.broadcast_to(np.eye(n), (4, n, n)),
-        "h": np.ones((4, n)),
-    }
-    _, _, _, status, iters = _solve(unbounded, dtype)
-    assert status.numpy().tolist() == [qps.DUAL_INFEASIBLE] * 4
-    assert iters.numpy().max() <= 400
+
+
+# ------------------------------------------------------------------ tolerance floors
+
+QP_Q = 2.0 * np.eye(4) + 0.5
+QP_KW = {"Q": QP_Q, "A": np.ones((1, 4)), "b": np.ones(1), "G": -np.eye(4), "h": np.zeros(4)}
+# min c^T x over the unit ball ||x|| <= 1 (s = (1, x) in the second-order cone):
+# x* = -c / ||c||, smooth in c
+CONE_KW = {
+    "cone": {"q": [5]},
+    "A": np.concatenate([np.zeros((1, 4)), -np.eye(4)]),
+    "b": np.eye(5)[0],
+}
+Q_ROWS = np.array([[0.3, -0.2, 0.1, 0.0], [-1.0, 0.5, 0.2, 0.1], [0.1, 0.1, -0.3, 0.2]])
+
+
+def _value_and_grad(layer, q, weights):
+    q = tf.constant(q, layer.compute_dtype)
+    with tf.GradientTape() as tape:
+        tape.watch(q)
+        x, status = layer(q)
+        loss = tf.reduce_sum(tf.constant(weights, x.dtype) * x)
+    return x.numpy(), status.numpy(), tape.gradient(loss, q).numpy()
+
+
+@pytest.mark.parametrize(
+    "layer_cls, kwargs, data",
+    [(QuadraticProgram, QP_KW, Q_ROWS), (ConeProgram, CONE_KW, Q_ROWS)],
+    ids=["qp", "cone_program"],
+)
+def test_tolerance_below_float32_reach_is_floored_and_said_once(layer_cls, kwargs, data):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        layer = layer_cls(**kwargs, tol=1e-9, return_status=True, dtype="float32")
+        weights = np.arange(1.0, 5.0)
+        x, status, grad = _value_and_grad(layer, data, weights)
+        _value_and_grad(layer, data, weights)  # a second call says nothing more
+    floor_warnings = [w for w in caught if "below what a solve in float32" in str(w.message)]
+    assert len(floor_warnings) == 1, [str(w.message) for w in caught]
+    assert "using tol=1.19e-05. Received: tol=1e-09" in str(floor_warnings[0].message)
+    assert status.tolist() == [0] * len(data)
+    reference = layer_cls(**kwargs, tol=1e-9, return_status=True, dtype="float64")
+    x64, status64, grad64 = _value_and_grad(reference, data, weights)
+    assert status64.tolist() == [0] * len(data)
+    np.testing.assert_allclose(x, x64, atol=2e-4)
+    assert np.abs(grad).max() > 0.1
+    np.testing.assert_allclose(grad, grad64, atol=1e-3)
+
+
+# ------------------------------------------------------------------ one failure policy
+
+# row 1 of the cost batch is paired with an infeasible b: the unit ball shifted so that
+# s_0 = -1 (||x|| <= -1)
+C_ROWS = Q_ROWS
+B_ROWS = np.stack([np.eye(5)[0], -np.eye(5)[0], np.eye(5)[0]])
+
+
+def _cone_inputs_layer(**kwargs):
+    kw = {k: v for k, v in CONE_KW.items() if k != "b"}
+    return ConeProgram(**kw, dtype="float64", **kwargs)
+
+
+def _qp_infeasible_layer(**kwargs):
+    return QuadraticProgram(Q=QP_Q, A=np.ones((1, 4)), b=np.ones(1), G=np.eye(4), **kwargs)
+
+
+QP_H = np.stack([np.ones(4), -np.ones(4), np.ones(4)])  # row 1: x <= -1 with sum x = 1
+
+
+def _policy_case(which):
+    if which == "qp":
+
+        def make(**kw):
+            return _qp_infeasible_layer(dtype="float64", **kw)
+
+        return make, [tf.constant(Q_ROWS), tf.constant(QP_H)], "QuadraticProgram"
+    return _cone_inputs_layer, [tf.constant(C_ROWS), tf.constant(B_ROWS)], "ConeProgram"
+
+
+@pytest.mark.parametrize("which", ["qp", "cone_program"])
+def test_failure_policy_is_one_path_for_both_layers(which, capfd):
+    make, inputs, name = _policy_case(which)
+    expected = rf"{name}: 1 of 3 problems not solved \{{'primal_infeasible': 1\}}"
+    # eager: a warning, an error, or nothing
+    with pytest.warns(ConvergenceWarning, match=expected):
+        _, status = make(return_status=True)(inputs)
+    assert status.numpy().tolist() == [0, 2, 0]
+    with pytest.raises(ConvergenceError, match=expected):
+        make(on_failure="raise")(inputs)
+    # a graph prints it
+    tf.function(make())(inputs)
+    assert f"{name}: problems not solved (see the status output): 1" in capfd.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["qp", "cone_program"])
+def test_failure_policy_ignore_graph_raise_and_xla(which):
+    make, inputs, _ = _policy_case(which)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x = make(on_failure="ignore")(inputs).numpy()
+    with pytest.raises(tf.errors.InvalidArgumentError, match="problems not solved"):
+        tf.function(make(on_failure="raise"))(inputs)
+    # XLA: "raise" sets the failed row to NaN, the others are untouched
+    x_xla = tf.function(make(on_failure="raise"), jit_compile=True)(inputs).numpy()
+    assert np.all(np.isnan(x_xla[1]))
+    np.testing.assert_allclose(x_xla[[0, 2]], x[[0, 2]], atol=1e-6)
+
+
+def test_both_layers_take_a_dict_a_list_or_one_tensor():
+    c = tf.constant(C_ROWS[:1])
+    b = tf.constant(B_ROWS[:1])
+    two = _cone_inputs_layer(tol=1e-5)
+    from_dict = two({"c": c, "b": b}).numpy()
+    np.testing.assert_allclose(two([c, b]).numpy(), from_dict)
+    swapped = _cone_inputs_layer(tol=1e-5, input_names=("b", "c"))
+    np.testing.assert_allclose(swapped((b, c)), from_dict)
+    np.testing.assert_allclose(-c / tf.norm(c, axis=-1, keepdims=True), from_dict, atol=1e-4)
+    one = ConeProgram(**CONE_KW, dtype="float64", tol=1e-5)
+    np.testing.assert_allclose(one(c).numpy(), from_dict, atol=1e-9)
+    with pytest.raises(ValueError, match=r"expected 2 input\(s\) \('c', 'b'\)"):
+        two(c)
+    with pytest.raises(ValueError, match="`input_names` must be distinct names"):
+        ConeProgram(**CONE_KW, input_names=("c", "b"))
+    qp = QuadraticProgram(**QP_KW, dtype="float64")
+    q = tf.constant(Q_ROWS)
+    np.testing.assert_allclose(qp(q).numpy(), qp([q]).numpy())
+    np.testing.assert_allclose(qp(q).numpy(), qp({"q": q}).numpy())
+
+
+def test_config_round_trip_of_policy_and_input_names():
+    layer = _cone_inputs_layer(on_failure="raise", input_names=("b", "c"), tol=1e-6)
+    clone = ConeProgram.from_config(layer.get_config())
+    assert clone.on_failure == "raise" and clone.input_names == ("b", "c")
+    assert clone.get_config() == layer.get_config()
+    assert ConeProgram(**CONE_KW).get_config()["tol"] is None  # dtype-dependent default
