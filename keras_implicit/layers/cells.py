@@ -18,6 +18,7 @@ layer with `call(z, x)`) is treated exactly the same way, just less cheaply.
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import keras
@@ -191,6 +192,8 @@ class ConvCell(_Cell):
         hidden_filters: channels of h (default: `filters`).
         kernel_size: odd size of the two state convolutions.
         groups: GroupNormalization groups (must divide filters and hidden_filters).
+            Default: the largest divisor of both that is at most 4 (4 for 16 filters,
+            3 for 3, 1 for 5).
         activation: Keras activation.
         kernel_scale: as `DenseCell`: scale of the initial state-path conv kernels.
     """
@@ -200,7 +203,7 @@ class ConvCell(_Cell):
         filters,
         hidden_filters=None,
         kernel_size=3,
-        groups=4,
+        groups=None,
         activation="relu",
         kernel_scale=0.25,
         **kwargs,
@@ -213,6 +216,9 @@ class ConvCell(_Cell):
         self.kernel_size = _positive_int("kernel_size", kernel_size)
         if self.kernel_size % 2 == 0:
             raise ValueError(f"`kernel_size` must be odd. Received: kernel_size={kernel_size!r}")
+        if groups is None:
+            common = math.gcd(self.filters, self.hidden_filters)
+            groups = max(g for g in range(1, 5) if common % g == 0)
         self.groups = _positive_int("groups", groups)
         for name, value in (("filters", self.filters), ("hidden_filters", self.hidden_filters)):
             if value % self.groups:
@@ -334,8 +340,14 @@ class MonotoneDenseCell(_Cell):
         self._check_state(z_shape, x_shape)
         self.injection.build(x_shape)
         init = keras.initializers.RandomNormal(stddev=0.5 / self.units**0.5)
-        self.a = self.add_weight(shape=(self.units, self.units), initializer=init, name="a")
-        self.b = self.add_weight(shape=(self.units, self.units), initializer=init, name="b")
+        # not autocast: W, its eigenvalues and the resolvent are computed in the variable
+        # dtype (float32 under a mixed policy; half-precision eigensolvers do not exist)
+        self.a = self.add_weight(
+            shape=(self.units, self.units), initializer=init, name="a", autocast=False
+        )
+        self.b = self.add_weight(
+            shape=(self.units, self.units), initializer=init, name="b", autocast=False
+        )
 
     def w_matrix(self):
         """W = (1 - m) I - A^T A + B - B^T."""
@@ -354,12 +366,13 @@ class MonotoneDenseCell(_Cell):
 
     def inject(self, x):
         u = self.injection(x)
-        eye = tf.eye(self.units, dtype=u.dtype)
-        g = eye - self.w_matrix()
+        w = self.w_matrix()
+        eye = tf.eye(self.units, dtype=w.dtype)
+        g = eye - w
         alpha = self.step_size(g)
         # rows times R^T: r = v (I + alpha G)^{-T}; solved once per forward pass
         resolvent_t = tf.transpose(tf.linalg.solve(eye + alpha * g, eye))
-        return alpha * u, resolvent_t
+        return tf.cast(alpha, u.dtype) * u, tf.cast(resolvent_t, u.dtype)
 
     def readout(self, v):
         return tf.nn.relu(v)
@@ -376,7 +389,8 @@ class MonotoneDenseCell(_Cell):
 
     def equilibrium_residual(self, z, x):
         """||z - relu(W z + U x + b)|| per row: zero exactly at the monDEQ equilibrium."""
-        w = self.w_matrix()
+        z = tf.convert_to_tensor(z)
+        w = tf.cast(self.w_matrix(), z.dtype)
         target = tf.nn.relu(tf.matmul(z, w, transpose_b=True) + self.injection(x))
         return tf.norm(z - target, axis=-1)
 

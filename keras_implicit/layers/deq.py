@@ -33,12 +33,15 @@ import numbers
 import keras
 import tensorflow as tf
 
-from keras_implicit import _validation, linalg, solvers
+from keras_implicit import _policy, _validation, linalg, solvers
 from keras_implicit.implicit import fixed_point
 
 __all__ = ["DEQ"]
 
 _BACKWARD = ("implicit", "phantom")
+# the core's floor for fixed-point tolerances: relative residuals of a map computed in
+# a dtype cannot drop much below its machine epsilon
+_TOL_FLOOR_ULPS = 2
 
 
 def _optional(check, name, value):
@@ -62,6 +65,34 @@ def _state_spec(shape):
             f"Received: state_shape={shape!r}"
         )
     return tuple(int(s) for s in shape)
+
+
+def _dynamic_state_shape(x, z_shape):
+    """(batch, *z_shape) as a tensor; unknown state axes are x's axes at the same position."""
+    dims = [tf.shape(x)[0]]
+    for axis, size in enumerate(z_shape):
+        if size is not None:
+            dims.append(tf.constant(size, tf.int32))
+        elif len(z_shape) == x.shape.rank - 1:
+            dims.append(tf.shape(x)[axis + 1])
+        else:
+            raise ValueError(
+                f"The state shape (batch, *{tuple(z_shape)}) has an unknown axis that cannot be "
+                f"read from the input (rank {x.shape.rank}): pass `state_shape`. "
+                f"Received: input shape {tuple(x.shape)}"
+            )
+    return tf.stack(dims)
+
+
+def _unit_rows(v):
+    """Each row of v scaled to unit norm (zero or non-finite rows become zero)."""
+    norms = tf.norm(tf.reshape(v, tf.stack([tf.shape(v)[0], -1])), axis=-1)
+    scale = tf.math.divide_no_nan(tf.ones_like(norms), norms)
+    scale = tf.where(tf.math.is_finite(scale), scale, tf.zeros_like(scale))
+    v = v * tf.reshape(
+        scale, tf.concat([tf.shape(norms), tf.ones([v.shape.rank - 1], tf.int32)], 0)
+    )
+    return tf.where(tf.math.is_finite(v), v, tf.zeros_like(v))
 
 
 def _finite_rows(x):
@@ -96,6 +127,8 @@ class DEQ(keras.layers.Layer):
             ||d cell / dz||_F^2 / dim(z) at z* (Bai et al. 2021), added with `add_loss`
             during training. 0 disables it.
         jacobian_samples: number of Gaussian probes of the estimate.
+        jacobian_power_steps: power iterations of the regularizer's spectral term
+            (see `_jacobian_penalty`); 0 leaves only the Frobenius estimate.
         on_failure: "warn" (default), "raise" or "ignore": the core's policy for
             solves that miss their tolerance.
         track_stats: create the solver-statistics metrics (default True).
@@ -119,6 +152,7 @@ class DEQ(keras.layers.Layer):
         initial_state="zeros",
         jacobian_weight=0.0,
         jacobian_samples=1,
+        jacobian_power_steps=4,
         on_failure="warn",
         track_stats=True,
         **kwargs,
@@ -151,6 +185,9 @@ class DEQ(keras.layers.Layer):
         self.initial_state = initial_state
         self.jacobian_weight = _validation.non_negative_float("jacobian_weight", jacobian_weight)
         self.jacobian_samples = _validation.positive_int("jacobian_samples", jacobian_samples)
+        self.jacobian_power_steps = _validation.non_negative_int(
+            "jacobian_power_steps", jacobian_power_steps
+        )
         self.on_failure = _validation.one_of("on_failure", on_failure, ("warn", "raise", "ignore"))
         self.track_stats = bool(track_stats)
         self._stats = {}
@@ -172,8 +209,31 @@ class DEQ(keras.layers.Layer):
             return tuple(self.cell.state_shape(tuple(input_shape)))
         return tuple(input_shape[1:])
 
+    def _floor_tolerances(self):
+        """Solvers and tolerances raised to what the compute dtype can reach (warned once).
+
+        The cell runs in the compute dtype, so the relative residual of a solve cannot
+        fall much below its machine epsilon (2 epsilons: 2e-3 in float16, 1.6e-2 in
+        bfloat16, 2.4e-7 in float32); a smaller tolerance would only exhaust the budget.
+        """
+        dtype = self.compute_dtype
+        what = f"DEQ '{self.name}'"
+
+        tols = {"tol": self.solver.tol, "backward_tol": self.linear_solver.tol}
+        if self.inference_tol is not None:
+            tols["inference_tol"] = self.inference_tol
+        tols = _policy.floored_tols(tols, dtype, what=what, ulps=_TOL_FLOOR_ULPS)
+        self._run_solver = self.solver
+        if tols["tol"] != self.solver.tol:
+            self._run_solver = self.solver.with_options(tol=tols["tol"])
+        self._run_linear_solver = self.linear_solver
+        if tols["backward_tol"] != self.linear_solver.tol:
+            self._run_linear_solver = self.linear_solver.with_options(tol=tols["backward_tol"])
+        self._run_inference_tol = tols.get("inference_tol")
+
     def build(self, input_shape):
         input_shape = tuple(input_shape)
+        self._floor_tolerances()
         z_full = (input_shape[0], *self._z_shape(input_shape))
         if not self.cell.built:
             # a symbolic call builds the cell (creating its weights outside any solver loop)
@@ -209,8 +269,7 @@ class DEQ(keras.layers.Layer):
 
     def _initial(self, x, z_shape):
         if self.initial_state == "zeros":
-            shape = tf.concat([tf.shape(x)[:1], tf.constant(z_shape, tf.int32)], 0)
-            return tf.zeros(shape, x.dtype)
+            return tf.zeros(_dynamic_state_shape(x, z_shape), x.dtype)
         z0 = tf.stop_gradient(tf.convert_to_tensor(self.initial_state(x)))
         return tf.where(tf.math.is_finite(z0), z0, tf.zeros_like(z0))
 
@@ -230,6 +289,13 @@ class DEQ(keras.layers.Layer):
 
     def call(self, x, training=None):
         x = tf.convert_to_tensor(x)
+        if x.dtype.is_integer or x.dtype == tf.bool:
+            x = tf.cast(x, self.compute_dtype)
+        elif not x.dtype.is_floating:
+            raise ValueError(
+                f"DEQ '{self.name}' takes real (floating, integer or bool) inputs. "
+                f"Received dtype: {x.dtype.name}"
+            )
         z_shape = self._z_shape(tuple(x.shape))
         inject, step, readout = self._map()
         with tf.name_scope("deq"):
@@ -243,14 +309,16 @@ class DEQ(keras.layers.Layer):
             z0 = _where_rows(ok_in, z0, tf.fill(tf.shape(z0), nan))
             inference = not training
             max_iter = self.inference_max_iter if inference else None
-            tol = self.inference_tol if inference else None
+            if not hasattr(self, "_run_solver"):
+                self._floor_tolerances()
+            tol = self._run_inference_tol if inference else None
             implicit = self.backward == "implicit"
             z, stats = fixed_point(
                 step,
                 z0,
                 context if implicit else tf.nest.map_structure(tf.stop_gradient, context),
-                solver=self.solver,
-                linear_solver=self.linear_solver,
+                solver=self._run_solver,
+                linear_solver=self._run_linear_solver,
                 tol=tol,
                 max_iter=max_iter,
                 batch_dims=1,
@@ -285,21 +353,39 @@ class DEQ(keras.layers.Layer):
             return _where_rows(ok, z, tf.zeros_like(z))
 
     def _jacobian_penalty(self, step, z, context):
-        """Hutchinson estimate of ||d step / dz||_F^2 / dim(z) at z (mean over the batch)."""
+        """Jacobian regularizer at z (mean over the batch), J = d step / dz:
+
+        a Hutchinson estimate of ||J||_F^2 / dim(z), plus, with `jacobian_power_steps`
+        > 0, ||J^T v||^2 for the unit vector v reached by that many power iterations
+        v <- J^T v / ||J^T v|| (an estimate of J's largest squared eigenvalue modulus).
+        The Frobenius term alone averages over all dim(z) directions, so one eigenvalue
+        approaching 1 (which makes z* unstable and I - J singular) barely moves it.
+        """
         with tf.name_scope("jacobian_penalty"):
             z = tf.stop_gradient(z)
+            rows = [tf.shape(z)[0], -1]
+
+            def sq_norms(v):
+                return tf.reduce_sum(tf.reshape(v, rows) ** 2, -1)
+
+            with tf.GradientTape(watch_accessed_variables=False, persistent=True) as tape:
+                tape.watch(z)
+                out = step(z, context)
+
+            def vjp(v):
+                return tape.gradient(out, z, output_gradients=v)
+
             total = 0.0
             for _ in range(self.jacobian_samples):
                 probe = tf.random.normal(tf.shape(z), dtype=z.dtype)
-                with tf.GradientTape(watch_accessed_variables=False) as tape:
-                    tape.watch(z)
-                    out = step(z, context)
-                vjp = tape.gradient(out, z, output_gradients=probe)
-                total += tf.reduce_mean(
-                    tf.reduce_sum(tf.reshape(vjp, [tf.shape(z)[0], -1]) ** 2, -1)
-                )
+                total += tf.reduce_mean(sq_norms(vjp(probe)))
             dim = tf.cast(tf.reduce_prod(tf.shape(z)[1:]), z.dtype)
             estimate = total / (self.jacobian_samples * dim)
+            if self.jacobian_power_steps:
+                v = tf.random.normal(tf.shape(z), dtype=z.dtype)
+                for _ in range(self.jacobian_power_steps):
+                    v = _unit_rows(tf.stop_gradient(vjp(v)))
+                estimate += tf.reduce_mean(sq_norms(vjp(v)))
             return tf.where(tf.math.is_finite(estimate), estimate, tf.zeros_like(estimate))
 
     # ------------------------------------------------------------------ config
@@ -326,6 +412,7 @@ class DEQ(keras.layers.Layer):
             "initial_state": initial,
             "jacobian_weight": self.jacobian_weight,
             "jacobian_samples": self.jacobian_samples,
+            "jacobian_power_steps": self.jacobian_power_steps,
             "on_failure": self.on_failure,
             "track_stats": self.track_stats,
         }

@@ -1,0 +1,223 @@
+"""DEQ at its edges: the regularizer's view of the spectrum, mixed precision, unknown
+dimensions, tolerance floors, bad rows and dtypes; and the digits model with a pooling head."""
+
+import warnings
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_implicit as ki
+from keras_implicit import layers
+
+
+class _Linear(keras.layers.Layer):
+    """cell(z, x) = z A + x with A a given matrix (a trainable weight)."""
+
+    def __init__(self, matrix, **kwargs):
+        super().__init__(**kwargs)
+        self.matrix = np.asarray(matrix, "float32")
+
+    def build(self, z_shape, x_shape):
+        self.a = self.add_weight(
+            shape=self.matrix.shape, initializer=keras.initializers.Constant(self.matrix)
+        )
+
+    def call(self, z, x):
+        return tf.matmul(z, self.a) + x
+
+
+def _one_mode_near_one(dim=32, top=0.97, seed=0):
+    """A symmetric matrix with one eigenvalue `top` and the others in [-0.3, 0.3]."""
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.normal(size=(dim, dim)))
+    eigenvalues = np.concatenate([[top], rng.uniform(-0.3, 0.3, dim - 1)])
+    return (q * eigenvalues) @ q.T
+
+
+def test_jacobian_penalty_sees_one_eigenvalue_near_one():
+    """The mechanism behind the pooling-head DEQ that trained at chance: the implicit
+    gradient drove one real eigenvalue of d cell/dz towards 1 (the cheapest way to
+    amplify the pooled features, 1/(1 - lambda)), past which z* is unstable and the
+    backward system singular. A Frobenius estimate / dim(z) cannot see that one mode."""
+    dim = 32
+    matrix = _one_mode_near_one(dim)
+    x = tf.random.stateless_normal([64, dim], seed=[1, 2])
+    frobenius = np.sum(matrix**2) / dim
+    top_sq = 0.97**2
+
+    blind = layers.DEQ(
+        _Linear(matrix), jacobian_weight=1.0, jacobian_samples=50, jacobian_power_steps=0
+    )
+    blind(x, training=True)
+    np.testing.assert_allclose(float(blind.losses[0]), frobenius, rtol=0.1)
+    assert frobenius < 0.1  # the mode near 1 adds 0.94 / 32 to it
+
+    seeing = layers.DEQ(_Linear(matrix), jacobian_weight=1.0, jacobian_samples=50)
+    seeing(x, training=True)
+    np.testing.assert_allclose(float(seeing.losses[0]), frobenius + top_sq, rtol=0.05)
+
+    # and its gradient moves that eigenvalue: 20 SGD steps on the regularizer alone
+    def top_after_steps(deq):
+        optimizer = keras.optimizers.SGD(0.05)
+        for _ in range(10):
+            with tf.GradientTape() as tape:
+                deq(x, training=True)
+                penalty = tf.add_n(deq.losses)
+            weights = deq.cell.trainable_weights
+            optimizer.apply_gradients(zip(tape.gradient(penalty, weights), weights))
+        return np.max(np.abs(np.linalg.eigvals(deq.cell.a.numpy())))
+
+    assert top_after_steps(seeing) < 0.6
+    assert top_after_steps(blind) > 0.9
+
+
+CELLS = {
+    "dense": (lambda dtype=None: layers.DenseCell(6, dtype=dtype), (3, 5)),
+    "monotone": (lambda dtype=None: layers.MonotoneDenseCell(6, dtype=dtype), (3, 5)),
+    "conv": (lambda dtype=None: layers.ConvCell(3, dtype=dtype), (3, 5, 5, 2)),
+}
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+@pytest.mark.parametrize("kind", list(CELLS))
+def test_mixed_precision_solves_in_float32(kind, policy):
+    make, shape = CELLS[kind]
+    x = np.random.default_rng(0).normal(size=shape).astype("float32")
+    keras.utils.set_random_seed(0)
+    reference = layers.DEQ(make(), tol=1e-5)
+    expected = reference(x).numpy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ki.ConvergenceWarning)  # the floor, tested below
+        mixed = layers.DEQ(make(policy), dtype=policy, tol=1e-5)
+        mixed(x)
+        mixed.set_weights(reference.get_weights())
+        with tf.GradientTape() as tape:
+            out = mixed(x, training=True)
+            loss = tf.reduce_sum(tf.cast(out, "float32") ** 2)
+        grads = tape.gradient(loss, mixed.trainable_weights)
+    assert out.dtype == policy.removeprefix("mixed_")
+    assert all(w.dtype == "float32" for w in mixed.weights)
+    eps = 2.0**-10 if policy == "mixed_float16" else 2.0**-7
+    np.testing.assert_allclose(out.numpy().astype("float32"), expected, atol=16 * eps * 4)
+    assert all(g is not None and np.isfinite(np.asarray(g, "float32")).all() for g in grads)
+
+
+@pytest.mark.parametrize("kind", list(CELLS))
+def test_unknown_dimensions(kind):
+    make, shape = CELLS[kind]
+    x = np.random.default_rng(0).normal(size=shape).astype("float32")
+    deq = layers.DEQ(make(), tol=1e-6, max_iter=100)
+    expected = deq(x).numpy()
+    signatures = [[None, *shape[1:]]]
+    if len(shape) == 4:
+        signatures.append([None, None, None, shape[-1]])  # unknown spatial size too
+    for signature in signatures:
+        # XLA once (unknown batch); the unknown spatial size in graph mode
+        for jit in (False, True) if signature is signatures[0] else (False,):
+            fn = tf.function(deq, input_signature=[tf.TensorSpec(signature)], jit_compile=jit)
+            np.testing.assert_allclose(fn(x).numpy(), expected, atol=1e-4)
+            np.testing.assert_allclose(fn(x[:1]).numpy(), expected[:1], atol=1e-4)
+    symbolic = layers.DEQ(make())(keras.Input((None,) * (len(shape) - 2) + shape[-1:]))
+    assert symbolic.shape[0] is None
+
+
+def test_tolerances_are_floored_once_per_layer():
+    x = np.random.default_rng(0).normal(size=(4, 5)).astype("float32")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        deq = layers.DEQ(layers.DenseCell(6), tol=1e-9, backward_tol=1e-12, max_iter=30)
+        for _ in range(3):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(deq(x, training=True))
+            tape.gradient(loss, deq.trainable_weights)
+        floors = [str(w.message) for w in caught if issubclass(w.category, ki.ConvergenceWarning)]
+    eps = np.finfo("float32").eps
+    assert len(floors) == 1, floors
+    assert floors[0].startswith(f"DEQ '{deq.name}'")
+    assert "Received: tol=1e-09, backward_tol=1e-12" in floors[0]
+    assert deq._run_solver.tol == pytest.approx(2 * eps)
+    assert deq._run_linear_solver.tol == pytest.approx(2 * eps)
+    # the floored tolerance is met: every row converges
+    assert float(deq.stat_metrics[2].result()) == 1.0
+
+
+@pytest.mark.parametrize("kind", ["conv", "monotone"])
+def test_bad_rows_do_not_poison_the_batch(kind):
+    make, shape = CELLS[kind]
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(6, *shape[1:])).astype("float32")
+    bad = x.copy()
+    bad[1].flat[0] = np.nan
+    bad[4].flat[3] = np.inf
+    good = [0, 2, 3, 5]
+    deq = layers.DEQ(make(), tol=1e-6, max_iter=100, on_failure="ignore")
+    deq(x)
+
+    def run(inputs, rows):
+        with tf.GradientTape() as tape:
+            out = deq(inputs, training=True)
+            loss = tf.reduce_sum(tf.gather(out, rows) ** 2)
+        return out.numpy(), tape.gradient(loss, deq.trainable_weights)
+
+    clean_out, clean_grads = run(x[good], list(range(len(good))))
+    out, grads = run(bad, good)
+    np.testing.assert_allclose(out[good], clean_out, atol=1e-4)
+    assert np.all(out[[1, 4]] == 0.0)
+    for g, c in zip(grads, clean_grads):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(c), atol=1e-4, rtol=1e-3)
+    with pytest.warns(ki.ConvergenceWarning, match="2 of 6"):
+        layers.DEQ(make(), max_iter=100)(bad)
+
+
+def test_wrong_input_dtype_and_rank():
+    deq = layers.DEQ(layers.DenseCell(4))
+    ints = np.arange(6, dtype="int32").reshape(2, 3)
+    np.testing.assert_allclose(deq(ints).numpy(), deq(ints.astype("float32")).numpy())
+    with pytest.raises(ValueError, match="Received dtype: complex64"):
+        layers.DEQ(layers.DenseCell(4))(tf.complex(tf.ones([2, 3]), tf.ones([2, 3])))
+    with pytest.raises(ValueError, match=r"ConvCell expects inputs of shape.*Received: x shape"):
+        layers.DEQ(layers.ConvCell(4))(keras.Input((5, 5)))
+    with pytest.raises(ValueError, match=r"DenseCell expects inputs of shape"):
+        layers.DEQ(layers.DenseCell(4))(keras.Input((5, 5)))
+
+
+def test_conv_cell_groups_default_divides_filters():
+    assert layers.ConvCell(16).groups == 4
+    assert layers.ConvCell(3).groups == 3
+    assert layers.ConvCell(5).groups == 1
+    assert layers.ConvCell(6, hidden_filters=4).groups == 2
+    assert layers.ConvCell(16, groups=8).get_config()["groups"] == 8
+
+
+def _digits():
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = (digits.images / 16.0).astype("float32")[..., None]
+    y = digits.target.astype("int32")
+    return x[:1400], y[:1400], x[1400:], y[1400:]
+
+
+@pytest.mark.slow
+def test_conv_deq_under_global_pooling_trains_on_digits():
+    """The model that trained at chance (0.10 test accuracy after 25 epochs)."""
+    x_train, y_train, x_test, y_test = _digits()
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            keras.layers.Conv2D(16, 3, padding="same"),
+            layers.DEQ(layers.ConvCell(16), jacobian_weight=0.5, name="deq"),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(10, activation="softmax"),
+        ]
+    )
+    model.compile(keras.optimizers.Adam(), "sparse_categorical_crossentropy", ["accuracy"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ki.ConvergenceWarning)
+        logs = model.fit(x_train, y_train, batch_size=64, epochs=25, verbose=0).history
+    accuracy = model.evaluate(x_test, y_test, verbose=0)[1]
+    assert accuracy >= 0.85, (accuracy, logs["loss"][-5:])
+    assert min(logs["deq_forward_converged"][-5:]) >= 0.95, logs["deq_forward_converged"]
