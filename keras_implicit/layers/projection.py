@@ -26,6 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_implicit import ops as kops
+from keras_implicit._structure import compute_dtype
 
 __all__ = [
     "AffineSetProjection",
@@ -125,7 +126,11 @@ class Projection(keras.layers.Layer):
         usual Keras layer keyword arguments (`name`, `dtype`, ...).
 
     Call: `layer(x)` with `x` of shape `(batch, ..., n)` (`(batch, ..., n, n)` for
-    "psd_cone"); returns the projection, same shape.
+    "psd_cone"); returns the projection, same shape. The batch and the other
+    leading dimensions may be unknown (`None`), and so may `n` unless a parameter
+    is a learned per-feature weight. Under a mixed policy (`mixed_float16`,
+    `mixed_bfloat16`) the projection is computed in float32 and returned in the
+    compute dtype.
     """
 
     def __init__(self, kind, trainable_params=False, **kwargs):
@@ -309,11 +314,16 @@ class Projection(keras.layers.Layer):
 
     def call(self, inputs):
         x = tf.convert_to_tensor(inputs)
+        out_dtype = x.dtype
+        # Under a mixed policy the projection runs in float32 (norms, sums and
+        # thresholds need its range; learned parameters keep their float32 value)
+        # and the result comes back in the compute dtype.
+        x = tf.cast(x, compute_dtype(x.dtype))
         params = {}
         for p in self._spec.params:
             value = self.get_param(p.name)
             params[p.name] = tf.cast(value, x.dtype) if tf.is_tensor(value) else value
-        return self._spec.op(x, **params)
+        return tf.cast(self._spec.op(x, **params), out_dtype)
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape)

@@ -274,3 +274,95 @@ def test_static_shapes_survive_eager_calls_with_many_shapes():
     assert tuple(out.shape) == (None, 5)
     out = L.ExpConeProjection()(keras.layers.Reshape((2, 3))(keras.Input((6,))))
     assert tuple(out.shape) == (None, 2, 3)
+
+
+def _kinds(default):
+    """All kinds, those outside `default` in the slow suite (XLA compiles and the
+    exponential cone's traces take seconds each)."""
+    return [k if k in default else pytest.param(k, marks=pytest.mark.slow) for k in sorted(LAYERS)]
+
+
+@pytest.mark.parametrize("kind", _kinds(set(LAYERS) - {"exp_cone"}))
+def test_unknown_batch_and_feature_dims(kind):
+    """tf.function traced once for an unknown batch (and once with every dimension
+    unknown), and a functional model on an Input with unknown dimensions, all equal
+    to the op on batches of two sizes."""
+    make, shape, op = LAYERS[kind]
+    layer = make()
+    batch_only = tf.function(layer.__call__, input_signature=[tf.TensorSpec([None, *shape])])
+    all_unknown = tf.function(
+        layer.__call__, input_signature=[tf.TensorSpec([None] * (1 + len(shape)))]
+    )
+    inp = keras.Input([None] * len(shape))
+    model = keras.Model(inp, make()(inp))
+    assert tuple(model.output.shape) == (None, *([None] * len(shape)))
+    for batch in (3, 1):
+        x = RNG.normal(size=(batch, *shape)).astype("float32")
+        expected = np.asarray(op(x))
+        for fn in (batch_only, all_unknown, model):
+            np.testing.assert_allclose(np.asarray(fn(x)), expected, rtol=1e-5, atol=1e-6)
+    assert batch_only.experimental_get_tracing_count() == 1
+
+
+@pytest.mark.parametrize("kind", _kinds({"l2_ball", "affine_set", "box", "second_order_cone"}))
+def test_unknown_batch_under_xla(kind):
+    """jit_compile=True with an unknown batch: one compiled function, two batch sizes."""
+    make, shape, op = LAYERS[kind]
+    layer = make()
+    fn = tf.function(
+        layer.__call__, input_signature=[tf.TensorSpec([None, *shape])], jit_compile=True
+    )
+    for batch in (4, 2):
+        x = RNG.normal(size=(batch, *shape)).astype("float32")
+        np.testing.assert_allclose(np.asarray(fn(x)), np.asarray(op(x)), rtol=1e-5, atol=1e-5)
+
+
+def test_learned_parameter_gradient_with_unknown_batch_under_xla():
+    """d loss / d raw radius of a learned l2 ball, XLA with an unknown batch vs eager."""
+    layer = L.L2BallProjection(1.5, trainable_params=True)
+    layer.build((None, 5))
+    w = tf.constant(RNG.normal(size=(1, 5)), tf.float32)
+
+    def loss_and_grad(x):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(w * layer(x) ** 2)
+        return loss, tape.gradient(loss, layer.trainable_weights[0])
+
+    compiled = tf.function(
+        loss_and_grad, input_signature=[tf.TensorSpec([None, 5])], jit_compile=True
+    )
+    for batch in (3, 6):
+        x = RNG.normal(size=(batch, 5)).astype("float32")
+        got, expected = compiled(x), loss_and_grad(x)
+        for g, e in zip(got, expected):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-5, atol=1e-6)
+        assert np.asarray(got[1]) != 0
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+@pytest.mark.parametrize(
+    "make, x",
+    [
+        # |x| ~ 300: the squares overflow float16 (max 65504)
+        (lambda **kw: L.L2BallProjection(2.0, **kw), [[300.0, -400.0, 120.0]]),
+        (lambda **kw: L.L2SphereProjection(0.5, **kw), [[300.0, 400.0, 0.0]]),
+        (lambda **kw: L.SOCProjection(**kw), [[100.0, 300.0, -400.0]]),
+        # the threshold search near float16's largest value
+        (lambda **kw: L.SimplexProjection(1.0, **kw), [[6e4, 5e4, 1e4]]),
+        (lambda **kw: L.L1BallProjection(0.25, **kw), [[-6e4, 3e4, 1e4]]),
+        (lambda **kw: L.AffineSetProjection([[1.0, 1.0, 1.0]], [1.0], **kw), [[1.0, 2.0, 3.0]]),
+    ],
+    ids=["l2_ball", "l2_sphere", "soc", "simplex", "l1_ball", "affine_set"],
+)
+def test_mixed_precision_projects_in_float32(make, x, policy):
+    """Under a mixed policy: output in the compute dtype, equal to the float32
+    projection rounded to it, also where the half dtype alone overflows."""
+    x = np.asarray(x, "float32")
+    expected = np.asarray(make()(x))
+    layer = make(dtype=policy)
+    out = layer(x)
+    half = policy.removeprefix("mixed_")
+    assert keras.backend.standardize_dtype(out.dtype) == half
+    # the input is rounded to the half dtype first; the answer is exact to its precision
+    rtol = 2.0**-9 if half == "float16" else 2.0**-6
+    np.testing.assert_allclose(np.asarray(out, "float32"), expected, rtol=rtol, atol=rtol)
