@@ -165,6 +165,11 @@ def unit_and_norm(x: tf.Tensor):
     sq = sum_last(tf.square(xs))
     tiny = np.finfo(x.dtype.as_numpy_dtype).tiny
     unit = xs * tf.math.rsqrt(tf.maximum(sq, tiny))
+    # After the rescaling sq <= 4n, so it is infinite only for an infinite entry:
+    # that row's direction is undefined and becomes NaN as a whole.
+    unit = tf.where(
+        tf.math.is_finite(sq), unit, tf.fill(tf.shape(unit), tf.constant(np.nan, x.dtype))
+    )
     return unit, tf.stop_gradient(m * tf.sqrt(sq))
 
 

@@ -141,6 +141,40 @@ def test_nan_row_does_not_leak(name):
         assert np.isnan(dirty[1].flat[0])
 
 
+# Ops whose output couples the entries of a row: an infinite entry leaves the
+# projection undefined (no finite nearest point is singled out), so the row is NaN.
+_ROW_NAN_ON_INF = {
+    "simplex",
+    "sparsemax",
+    "l1_ball",
+    "l1_sphere",
+    "l2_ball",
+    "l2_sphere",
+    "psd_cone",
+    "exp_cone",
+}
+
+
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_infinite_entry_does_not_leak(name):
+    """An inf entry changes neither the other rows' outputs nor their gradients."""
+    fn, row_shape, param = OPS[name]
+    param = None if param is None else tf.constant(param, tf.float64)
+    x = RNG.normal(size=(4, *row_shape))
+    w = tf.constant(RNG.normal(size=x.shape))
+    clean, clean_grad, _ = _value_and_grads(fn, tf.constant(x), param, w)
+    dirty_x = x.copy()
+    dirty_x[1].flat[0] = np.inf
+    dirty, dirty_grad, _ = _value_and_grads(fn, tf.constant(dirty_x), param, w)
+    keep = [0, 2, 3]
+    np.testing.assert_allclose(np.asarray(dirty)[keep], np.asarray(clean)[keep], rtol=1e-12)
+    np.testing.assert_allclose(
+        np.asarray(dirty_grad)[keep], np.asarray(clean_grad)[keep], rtol=1e-12
+    )
+    if name in _ROW_NAN_ON_INF:
+        assert np.all(np.isnan(np.asarray(dirty)[1]))
+
+
 def test_python_and_numpy_inputs():
     y = ops.projection_simplex([3, 1, 2])  # ints are promoted to float32
     assert y.dtype == tf.float32
