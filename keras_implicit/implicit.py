@@ -393,7 +393,10 @@ def fixed_point(
         linear_solver: backward solver for (I - J^T) u = g: "gmres" (default, general),
             "bicgstab", "broyden", "neumann", "dense", "cg" (only if J is symmetric),
             or a `ki.linalg.LinearSolver`.
-        tol, max_iter: forward settings (override the solver object's).
+        tol, max_iter: forward settings (override the solver object's). Tolerances
+            (forward and backward) below two machine epsilons of z0's dtype are raised
+            to that floor, with one ConvergenceWarning per setting. The solver returns
+            its best iterate per row (lowest residual), not its last.
         backward_tol, backward_max_iter, backward_ridge: backward settings.
         batch_dims: number of leading batch dimensions of z whose rows are independent
             problems (1 for a DEQ batch): convergence is then judged per row.

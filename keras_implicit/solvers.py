@@ -363,6 +363,40 @@ class Broyden(Solver):
             )
 
 
+def _lbfgs_start(value_and_gradient, x0, memory, tolerance):
+    """TFP's L-BFGS state at x0, as `lbfgs_minimize` builds it before its first step.
+
+    Built here rather than by `lbfgs_minimize(..., max_iterations=0)`, which would trace
+    a second copy of TFP's line search (seconds per trace).
+    """
+    try:
+        from tensorflow_probability.python.optimizer.lbfgs import LBfgsOptimizerResults
+    except ImportError:  # pragma: no cover - TFP layout changed
+        import tensorflow_probability as tfp
+
+        return tfp.optimizer.lbfgs_minimize(
+            value_and_gradient,
+            initial_position=x0,
+            num_correction_pairs=memory,
+            tolerance=tolerance,
+            max_iterations=0,
+        )
+    f0, g0 = value_and_gradient(x0)
+    tol = tf.constant(tolerance, x0.dtype)
+    queue = tf.zeros(tf.concat([[memory], tf.shape(x0)], 0), x0.dtype)
+    return LBfgsOptimizerResults(
+        converged=tf.math.is_finite(f0) & (tf.reduce_max(tf.abs(g0), axis=-1) < tol),
+        failed=tf.zeros_like(f0, dtype=tf.bool),
+        num_iterations=tf.constant(0),
+        num_objective_evaluations=tf.constant(1),
+        position=x0,
+        objective_value=f0,
+        objective_gradient=g0,
+        position_deltas=queue,
+        gradient_deltas=queue,
+    )
+
+
 @keras.saving.register_keras_serializable(package="keras_implicit")
 class LBFGS(Solver):
     """L-BFGS minimization through `tfp.optimizer.lbfgs_minimize` (batched over rows).
@@ -410,9 +444,7 @@ class LBFGS(Solver):
             # TFP keeps only its last position, so its loop is resumed one iteration at
             # a time (no re-evaluation: the state carries value and gradient) and the
             # best position per row is kept here.
-            start = tfp.optimizer.lbfgs_minimize(
-                value_and_gradient, initial_position=x0, max_iterations=0, **settings
-            )
+            start = _lbfgs_start(value_and_gradient, x0, self.memory, settings["tolerance"])
             res0 = relative_residual(start.objective_gradient, x0)
             best_res0 = tf.where(tf.math.is_finite(res0), res0, _no_residual(batch, dtype))
 

@@ -125,16 +125,38 @@ def _value_and_grads(entry_point, batch_dims):
 CONFIGS = {
     "eager": ("eager", 1, None),
     "function-batch_dims0": ("function", 0, [None, DIM]),
-    "function-batch_dims1-unknown-event": ("function", 1, [None, None]),
-    "xla-batch_dims1": ("xla", 1, [None, DIM]),
-}
-SLOW_CONFIGS = {
-    "function-batch_dims1": ("function", 1, [None, DIM]),
     "function-batch_dims0-unknown-event": ("function", 0, [None, None]),
+    "function-batch_dims1": ("function", 1, [None, DIM]),
+    "function-batch_dims1-unknown-event": ("function", 1, [None, None]),
     "xla-batch_dims0": ("xla", 0, [None, DIM]),
     "xla-batch_dims0-unknown-event": ("xla", 0, [None, None]),
+    "xla-batch_dims1": ("xla", 1, [None, DIM]),
     "xla-batch_dims1-unknown-event": ("xla", 1, [None, None]),
 }
+# The default suite runs one configuration per entry point (each unknown batch, most
+# of them with batch_dims=0, the case that failed); the full matrix is marked slow.
+QUICK = {
+    "fixed_point": "function-batch_dims0",
+    "root": "xla-batch_dims0",
+    "argmin": "function-batch_dims0",
+    "custom_fixed_point": "xla-batch_dims1-unknown-event",
+    "custom_root": "function-batch_dims0-unknown-event",
+}
+MATRIX = [
+    pytest.param(
+        entry_point,
+        config,
+        id=f"{entry_point}-{config}",
+        marks=() if QUICK[entry_point] == config else pytest.mark.slow,
+    )
+    for entry_point in ENTRY_POINTS
+    for config in CONFIGS
+]
+
+
+def slow_unless(values, quick):
+    """Parameters for `values`, those not in `quick` marked slow."""
+    return [pytest.param(v, marks=() if v in quick else pytest.mark.slow) for v in values]
 
 
 def _check_entry_point(entry_point, config):
@@ -155,17 +177,9 @@ def _check_entry_point(entry_point, config):
     np.testing.assert_allclose(gw.numpy(), rgw, atol=1e-7)
 
 
-@pytest.mark.parametrize("config", list(CONFIGS), ids=list(CONFIGS))
-@pytest.mark.parametrize("entry_point", ENTRY_POINTS)
+@pytest.mark.parametrize("entry_point,config", MATRIX)
 def test_entry_points_with_unknown_dimensions(entry_point, config):
     _check_entry_point(entry_point, CONFIGS[config])
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("config", list(SLOW_CONFIGS), ids=list(SLOW_CONFIGS))
-@pytest.mark.parametrize("entry_point", ENTRY_POINTS)
-def test_entry_points_with_unknown_dimensions_full_matrix(entry_point, config):
-    _check_entry_point(entry_point, SLOW_CONFIGS[config])
 
 
 # ------------------------------------------------------------ best iterate
@@ -232,21 +246,21 @@ def test_lbfgs_returns_its_best_iterate():
         return result.objective_gradient, result.position
 
     residual = []
-    for k in range(13):
+    for k in range(9):
         grad, pos = (t.numpy() for t in run(tf.constant(k)))
         residual.append(np.linalg.norm(grad, axis=-1) / (1 + np.linalg.norm(pos, axis=-1)))
     residual = np.array(residual)
     best = residual.min(axis=0)
-    assert (residual[-1] > 1.5 * best).any()  # the gradient norm is not monotone here
-    solver = ki.solvers.LBFGS(tol=1e-12, max_iter=12)
-    x, stats = tf.function(lambda: solver.minimize(value_and_gradient, x0))()
+    assert (residual[-1] > 5 * best).any()  # the gradient norm is not monotone here
+    solver = ki.solvers.LBFGS(tol=1e-12, max_iter=8)
+    x, stats = solver.minimize(value_and_gradient, x0)
     np.testing.assert_allclose(stats.residual.numpy(), best, rtol=1e-6)
     _, grad = value_and_gradient(x)
     true = np.linalg.norm(grad.numpy(), axis=-1) / (1 + np.linalg.norm(x.numpy(), axis=-1))
     np.testing.assert_allclose(true, best, rtol=1e-6)
 
 
-@pytest.mark.parametrize("jit", [False, True], ids=["function", "xla"])
+@pytest.mark.parametrize("jit", slow_unless([False, True], [False]), ids=["function", "xla"])
 def test_best_iterate_in_compiled_loops(jit):
     """Compiled, the returned row is still the best seen: its residual is the reported one."""
     fn, x = _float32_tanh_problem()
@@ -322,7 +336,9 @@ def _good_rows_reference(entry_point, x, w, cotangent, good):
     return y, gx, gw
 
 
-@pytest.mark.parametrize("entry_point", ENTRY_POINTS)
+@pytest.mark.parametrize(
+    "entry_point", slow_unless(ENTRY_POINTS, ["fixed_point", "root", "custom_root"])
+)
 def test_non_convergent_row_is_reported_and_isolated(entry_point):
     w, x, _ = _weights()
     x = np.concatenate([x, x[:1] + 0.3])  # rows 0, 2 good, row 1 has no solution
@@ -339,7 +355,9 @@ def test_non_convergent_row_is_reported_and_isolated(entry_point):
     np.testing.assert_allclose(gw, rgw, atol=1e-9)
 
 
-@pytest.mark.parametrize("entry_point", ENTRY_POINTS)
+@pytest.mark.parametrize(
+    "entry_point", slow_unless(ENTRY_POINTS, ["root", "argmin", "custom_fixed_point"])
+)
 def test_nan_and_inf_rows_are_reported_and_isolated(entry_point):
     w, x, _ = _weights()
     x = np.concatenate([x, x + 0.5])  # 4 rows
