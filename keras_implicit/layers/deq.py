@@ -120,6 +120,11 @@ class DEQ(keras.layers.Layer):
             (e.g. a smaller budget for prediction); default: the training values.
         backward: "implicit" (default) or "phantom".
         linear_solver, backward_max_iter, backward_tol: the implicit backward solve.
+        backward_ridge: solve (I - J^T + ridge I) u = g instead (default: the linear
+            solver's own, 0 unless set: the exact implicit gradient). A ridge caps the
+            gradient's amplification 1 / (1 - lambda) along an eigenvalue lambda of J
+            near 1, which otherwise pulls training towards the singular point (seen with
+            global-pooling heads); the gradient is then biased.
         phantom_steps, phantom_damping: the phantom backward (k steps, damping in (0, 1]).
         initial_state: "zeros" (default) or a callable `x -> z0` (e.g. a registered
             function or a Keras layer); z0 gets no gradient.
@@ -147,12 +152,13 @@ class DEQ(keras.layers.Layer):
         linear_solver="gmres",
         backward_max_iter=40,
         backward_tol=1e-4,
+        backward_ridge=None,
         phantom_steps=5,
         phantom_damping=0.5,
         initial_state="zeros",
         jacobian_weight=0.0,
         jacobian_samples=1,
-        jacobian_power_steps=4,
+        jacobian_power_steps=0,
         on_failure="warn",
         track_stats=True,
         **kwargs,
@@ -172,7 +178,10 @@ class DEQ(keras.layers.Layer):
             _validation.non_negative_float, "inference_tol", inference_tol
         )
         self.backward = _validation.one_of("backward", backward, _BACKWARD)
-        self.linear_solver = linalg.get(linear_solver, tol=backward_tol, max_iter=backward_max_iter)
+        backward_ridge = _optional(_validation.non_negative_float, "backward_ridge", backward_ridge)
+        self.linear_solver = linalg.get(
+            linear_solver, tol=backward_tol, max_iter=backward_max_iter, ridge=backward_ridge
+        )
         self.phantom_steps = _validation.positive_int("phantom_steps", phantom_steps)
         self.phantom_damping = _validation.float_in_range(
             "phantom_damping", phantom_damping, 0.0, 1.0, low_open=True
@@ -406,6 +415,7 @@ class DEQ(keras.layers.Layer):
             "backward": self.backward,
             "linear_solver": keras.saving.serialize_keras_object(self.linear_solver),
             "backward_max_iter": self.linear_solver.max_iter,
+            "backward_ridge": self.linear_solver.ridge,
             "backward_tol": self.linear_solver.tol,
             "phantom_steps": self.phantom_steps,
             "phantom_damping": self.phantom_damping,
