@@ -435,7 +435,12 @@ def _exp_forward(v):
     # A root this far out means the point sits on a limiting ray of K's boundary
     # (y -> 0 or x/y -> -inf), at rounding distance from the heuristic point; the
     # implicit formula would overflow there, so the heuristic's Jacobian is used.
-    far_out = ~(tf.abs(rho) <= _EXP_RHO_SMOOTH_MAX)
+    # Beyond |rho| = -log(eps) (16 in float32, 37 in float64) the point is within
+    # e^-|rho| < eps (relative) of the heuristic point and so is its Jacobian, while
+    # the implicit formula's e^|rho| products lose all accuracy (float64 gave 6e37
+    # for a derivative of 1e-50 at rho = 126) and then overflow.
+    rho_smooth_max = min(_EXP_RHO_SMOOTH_MAX, -math.log(np.finfo(dtype.as_numpy_dtype).eps))
+    far_out = ~(tf.abs(rho) <= rho_smooth_max)
     general_case = tf.where(
         tf.equal(general_case, _CASE_SMOOTH) & far_out, _CASE_HEURISTIC, general_case
     )

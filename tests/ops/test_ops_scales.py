@@ -431,3 +431,42 @@ def test_float32_near_the_largest_float(name):
     expected = np.asarray(expected) * 1e38
     np.testing.assert_allclose(np.asarray(y, np.float64), expected, rtol=0, atol=1e-5 * 1e38)
     np.testing.assert_allclose(grad, expected_grad, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [tf.float32, tf.float64])
+def test_exp_cone_jacobian_finite_for_every_direction(dtype):
+    """20000 random directions: the Jacobian is finite (the implicit formula used to
+    overflow for roots rho ~ 100..2000, next to the region x <= 0, y <= 0)."""
+    x = np.random.default_rng(1).normal(size=(20000, 3))
+    x /= np.abs(x).max(-1, keepdims=True)
+    xt = tf.constant(x, dtype)
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        loss = tf.reduce_sum(ops.projection_exp_cone(xt) * tf.constant([1.0, -2.0, 0.5], dtype))
+    assert np.all(np.isfinite(np.asarray(tape.gradient(loss, xt))))
+
+
+@pytest.mark.parametrize("dtype", [tf.float32, tf.float64])
+def test_exp_cone_jacobian_next_to_the_special_region(dtype):
+    """Points just right of x = 0 with y < 0 (roots rho of 126 and 2065): the
+    Jacobian is diag(0, 0, 1) to within 1e-50, by central differences of the
+    100-digit mpmath projection. float64 used to give d z / d x = 6e37 here."""
+    pts = np.array([[0.00794681, -1.0, 0.09122577], [3.5173386e-04, -0.726139088, 1.0]])
+    xt = tf.constant(pts, dtype)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(xt)
+        y = ops.projection_exp_cone(xt)
+    jac = np.asarray(_batch_jacobian(tape, y, xt))
+    np.testing.assert_allclose(jac, np.broadcast_to(np.diag([0.0, 0.0, 1.0]), jac.shape), atol=1e-6)
+    fd = np.stack(
+        [
+            (
+                ref.exp_cone_projection_mp(pts[0] + e, 100)
+                - ref.exp_cone_projection_mp(pts[0] - e, 100)
+            )
+            / 2e-7
+            for e in 1e-7 * np.eye(3)
+        ],
+        axis=-1,
+    )
+    np.testing.assert_allclose(jac[0], fd, atol=1e-6)
