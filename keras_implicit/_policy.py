@@ -57,15 +57,17 @@ def user_stacklevel() -> int:
     return 1
 
 
-def _xla_notice(what: str, on_failure: str) -> None:
-    # once per process and policy: a compiled training step would otherwise repeat it
-    if on_failure in _warned_xla:
+def _xla_notice(what: str, on_failure: str, hint: str | None = None) -> None:
+    # once per process, entry point and policy: a compiled training step would otherwise
+    # repeat it
+    if (what, on_failure) in _warned_xla:
         return
-    _warned_xla.add(on_failure)
+    _warned_xla.add((what, on_failure))
     outcome = (
         "failed rows are set to NaN"
         if on_failure == "raise"
-        else "read failures from the returned SolverStats (return_stats=True) or the layer metrics"
+        else hint
+        or "read failures from the returned SolverStats (return_stats=True) or the layer metrics"
     )
     warnings.warn(
         f"{what}: on_failure={on_failure!r} cannot print or raise inside an XLA-compiled "
@@ -116,6 +118,7 @@ def apply(
     iterations=None,
     message=None,
     graph_message: str | None = None,
+    xla_hint: str | None = None,
 ):
     """Applies the policy to `packed` (a [B, ...] tensor or a structure of them).
 
@@ -123,7 +126,8 @@ def apply(
     `message` is given). message: optional callable taking the numpy bool mask of the
     failed rows and returning the eager warning/error text; by default the text names
     the worst residual against `tol`. graph_message: the text printed (or asserted) in
-    a graph before the count of failed rows.
+    a graph before the count of failed rows. xla_hint: where to read failures under XLA
+    (said once, with "warn").
     Returns `packed`, possibly with control dependencies (graph) or NaN rows (XLA, raise).
     """
     if on_failure == "ignore":
@@ -153,7 +157,7 @@ def apply(
             warnings.warn(msg, ConvergenceWarning, stacklevel=user_stacklevel())
         return packed
     if in_xla_context():
-        _xla_notice(what, on_failure)
+        _xla_notice(what, on_failure, xla_hint)
         if on_failure == "raise":
 
             def poison(t):

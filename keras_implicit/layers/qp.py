@@ -261,6 +261,7 @@ def report_status(outputs, status, on_failure, what):
         what=what,
         message=message,
         graph_message=f"{what}: problems not solved (see the status output):",
+        xla_hint="read failures from the status output (return_status=True)",
     )
 
 

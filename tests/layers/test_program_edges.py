@@ -7,6 +7,7 @@ precision, unknown batch dimensions, and bad rows that never touch the good ones
 
 import warnings
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -200,3 +201,88 @@ def test_config_round_trip_of_policy_and_input_names():
     assert clone.on_failure == "raise" and clone.input_names == ("b", "c")
     assert clone.get_config() == layer.get_config()
     assert ConeProgram(**CONE_KW).get_config()["tol"] is None  # dtype-dependent default
+
+
+# ------------------------------------------------------------------ unknown dims, bad rows
+
+LAYERS = [(QuadraticProgram, QP_KW), (ConeProgram, CONE_KW)]
+LAYER_IDS = ["qp", "cone_program"]
+WEIGHTS = np.arange(1.0, 5.0)
+
+
+def _loss_grad(layer, q):
+    with tf.GradientTape() as tape:
+        tape.watch(q)
+        x = layer(q)
+        loss = tf.reduce_sum(tf.constant(WEIGHTS, x.dtype) * x)
+    return x, tape.gradient(loss, q)
+
+
+@pytest.mark.parametrize("layer_cls, kwargs", LAYERS, ids=LAYER_IDS)
+def test_unknown_batch_dimension(layer_cls, kwargs):
+    layer = layer_cls(**kwargs, dtype="float32")
+    inputs = keras.Input((4,))
+    assert tuple(keras.Model(inputs, layer(inputs)).output.shape) == (None, 4)
+    q = tf.constant(Q_ROWS, tf.float32)
+    spec = [tf.TensorSpec([None, 4], tf.float32)]
+    x, grad = tf.function(lambda q: _loss_grad(layer, q), input_signature=spec)(q)
+    x_eager, grad_eager = _loss_grad(layer, q)
+    np.testing.assert_allclose(x.numpy(), x_eager.numpy(), atol=1e-5)
+    np.testing.assert_allclose(grad.numpy(), grad_eager.numpy(), atol=1e-4)
+    assert np.abs(grad.numpy()).max() > 0.1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layer_cls, kwargs", LAYERS, ids=LAYER_IDS)
+def test_unknown_batch_dimension_under_xla(layer_cls, kwargs):
+    layer = layer_cls(**kwargs, dtype="float32")
+    spec = [tf.TensorSpec([None, 4], tf.float32)]
+    fn = tf.function(lambda q: _loss_grad(layer, q), input_signature=spec, jit_compile=True)
+    for rows in (3, 2):
+        q = tf.constant(Q_ROWS[:rows], tf.float32)
+        x, grad = fn(q)
+        x_eager, grad_eager = _loss_grad(layer, q)
+        np.testing.assert_allclose(x.numpy(), x_eager.numpy(), atol=1e-5)
+        np.testing.assert_allclose(grad.numpy(), grad_eager.numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize("layer_cls, kwargs", LAYERS, ids=LAYER_IDS)
+def test_non_finite_and_huge_rows_are_flagged_and_leave_the_others_alone(layer_cls, kwargs):
+    layer = layer_cls(
+        **kwargs, dtype="float64", return_status=True, on_failure="ignore", max_iter=250
+    )
+    rows = np.concatenate([Q_ROWS[:1], Q_ROWS[:3], Q_ROWS[2:]])
+    rows[1, 0], rows[2, 1], rows[3, 2] = np.nan, np.inf, 1e300
+    q = tf.constant(rows)
+    with tf.GradientTape() as tape:
+        tape.watch(q)
+        x, status = layer(q)
+        loss = tf.reduce_sum(tf.constant(WEIGHTS) * x)
+    grad = tape.gradient(loss, q).numpy()
+    # non-finite data: numerical_error, NaN rows; 1e300: not solved (max_iter)
+    assert status.numpy().tolist() == [0, qps.NUMERICAL_ERROR, qps.NUMERICAL_ERROR, 1, 0]
+    assert np.all(np.isnan(x.numpy()[1:3]))
+    assert np.all(grad[1:4] == 0.0) and np.all(np.isfinite(grad))
+    good = tf.constant(rows[[0, 4]])
+    with tf.GradientTape() as tape:
+        tape.watch(good)
+        x_good, _ = layer(good)
+        loss = tf.reduce_sum(tf.constant(WEIGHTS) * x_good)
+    np.testing.assert_allclose(x.numpy()[[0, 4]], x_good.numpy(), atol=1e-12)
+    np.testing.assert_allclose(grad[[0, 4]], tape.gradient(loss, good).numpy(), atol=1e-10)
+
+
+@pytest.mark.parametrize("layer_cls, kwargs", LAYERS, ids=LAYER_IDS)
+def test_wrong_shapes_and_dtypes_are_refused(layer_cls, kwargs):
+    layer = layer_cls(**kwargs)
+    name = "q" if layer_cls is QuadraticProgram else "c"
+    with pytest.raises(ValueError, match="Inconsistent"):
+        layer(np.zeros((3, 5), "float32"))
+    with pytest.raises(ValueError, match=rf"Received: {name}.shape=\(3, 4, 1\)"):
+        layer(np.zeros((3, 4, 1), "float32"))
+    with pytest.raises(ValueError, match=rf"must hold real numbers. Received: {name}.dtype="):
+        layer(tf.zeros((3, 4), tf.complex64))
+    with pytest.raises(ValueError, match=r"Received: tol=-1"):
+        layer_cls(**kwargs, tol=-1)
+    with pytest.raises(ValueError, match=r"on_failure"):
+        layer_cls(**kwargs, on_failure="loud")
