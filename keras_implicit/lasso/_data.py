@@ -53,6 +53,32 @@ def overflow_error(where: str, design=None, y=None) -> ValueError:
     )
 
 
+def _as_float64(values, name: str) -> np.ndarray:
+    """A float64 numpy copy of real numeric data; complex, string and other
+    non-numeric inputs are refused (numpy would drop imaginary parts or parse strings)."""
+    try:
+        array = np.asarray(values)
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"`{name}` must be a real numeric array. Received: {name} of type "
+            f"{type(values).__name__}"
+        ) from err
+    kind = array.dtype.kind
+    if kind == "c":
+        raise ValueError(
+            f"`{name}` must be real: complex data is not supported. Received dtype {array.dtype}."
+        )
+    if kind not in "biufO":
+        raise ValueError(f"`{name}` must be numeric. Received dtype {array.dtype}.")
+    try:
+        return array.astype(np.float64)
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"`{name}` must be a real numeric array. Received dtype {array.dtype} with "
+            "entries that are not real numbers."
+        ) from err
+
+
 def as_design_input(X, name: str = "X"):
     """Returns ``X`` as a float64 numpy array or a float64 scipy CSC matrix."""
     if X is None:
@@ -65,9 +91,13 @@ def as_design_input(X, name: str = "X"):
             raise ValueError(
                 f"`{name}` must be 2-D (n_samples, n_features). Received shape {shape}."
             )
-        values = np.asarray(X.values.numpy(), dtype=np.float64)
+        values = _as_float64(X.values.numpy(), name)
         X = sp.csc_matrix((values, (indices[:, 0], indices[:, 1])), shape=shape)
     if sp.issparse(X):
+        if X.dtype.kind not in "biuf":
+            raise ValueError(
+                f"`{name}` must be real numeric. Received a sparse matrix of dtype {X.dtype}."
+            )
         X = sp.csc_matrix(X, dtype=np.float64)
         X.sum_duplicates()
         if X.ndim != 2:
@@ -76,7 +106,7 @@ def as_design_input(X, name: str = "X"):
     else:
         if isinstance(X, tf.Tensor | tf.Variable):
             X = X.numpy()
-        X = np.asarray(X, dtype=np.float64)
+        X = _as_float64(X, name)
         if X.ndim != 2:
             raise ValueError(
                 f"`{name}` must be 2-D (n_samples, n_features). Received shape {X.shape}."
@@ -93,7 +123,7 @@ def as_target(y, n_samples: int, name: str = "y") -> np.ndarray:
     """Returns ``y`` as a 1-D float64 array of length ``n_samples``."""
     if isinstance(y, tf.Tensor | tf.Variable):
         y = y.numpy()
-    y = np.asarray(y)
+    y = _as_float64(y, name)
     if y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]
     if y.ndim != 1:
@@ -103,10 +133,6 @@ def as_target(y, n_samples: int, name: str = "y") -> np.ndarray:
             f"`X` and `{name}` have mismatched numbers of samples: X has {n_samples} rows, "
             f"{name} has {y.shape[0]} entries."
         )
-    try:
-        y = y.astype(np.float64)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"`{name}` must be numeric. Received dtype {y.dtype}.") from err
     _check_finite(name, y)
     return y
 

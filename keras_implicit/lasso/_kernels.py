@@ -150,12 +150,14 @@ def quadratic_gap(xtr, yr, rr, beta, alphas, l2, xp=np):
 
     Returns ``(gap, primal)``.
     """
-    bb = xp.sum(beta * beta)
+    # l2 ||b||^2 as ||sqrt(l2) b||^2: ||b||^2 alone overflows for |b| > 1e154, a
+    # legitimate solution on tiny X and large y (the ridge is then tiny too).
+    ridge = xp.sum(xp.square(xp.sqrt(l2) * beta))
     s_max = _feasible_scaling(xp, xp.abs(xtr - l2 * beta), alphas)
-    curvature = rr + l2 * bb
+    curvature = rr + ridge
     s_opt = xp.where(curvature > 0, yr / xp.where(curvature > 0, curvature, 1.0), s_max)
     s = xp.clip(s_opt, 0.0, s_max)
-    primal = 0.5 * rr + xp.sum(alphas * xp.abs(beta)) + 0.5 * l2 * bb
+    primal = 0.5 * rr + xp.sum(alphas * xp.abs(beta)) + 0.5 * ridge
     dual = s * yr - 0.5 * s * s * curvature
     return xp.maximum(primal - dual, 0.0), primal
 

@@ -298,7 +298,10 @@ def solve_gram_problem(H, c, beta, alphas, yy, l2, tol, max_epochs, width=None):
         sign_budget += SIGN_STEP_SHARE * CD_UPDATE_COST * _kernels.ANDERSON_MEMORY * size * width
         beta, hb = rows[-1], grads[-1] + c
         try:
-            weights, ok = _kernels.anderson_weights(rows)
+            # At extreme scales the extrapolation system may overflow; the objective
+            # test below then rejects the (non-finite) extrapolated point.
+            with np.errstate(over="ignore", invalid="ignore"):
+                weights, ok = _kernels.anderson_weights(rows)
         except np.linalg.LinAlgError:
             ok = False
         if ok:

@@ -216,6 +216,9 @@ class SURE(Criterion):
     def __init__(self, sigma, epsilon=None, random_state=0):
         self.sigma = V.positive_float("sigma", sigma)
         self.epsilon = None if epsilon is None else V.positive_float("epsilon", epsilon)
+        for name, value in (("sigma", self.sigma), ("epsilon", self.epsilon)):
+            if value is not None and not np.isfinite(value):
+                raise ValueError(f"`{name}` must be finite. Received: {name}={value!r}")
         self.random_state = random_state
 
     def __repr__(self):

@@ -331,7 +331,7 @@ def penalty_gradient(model, data, g_coef, g_intercept, context):
             rhs = np.append(rhs, g_intercept)
         v = _solve_restricted(block, weights, 0.0, rhs, context)[: support.size]
     grad_alphas[support] = -v * np.sign(coef_s)
-    return grad_alphas, float(-v @ coef_s)
+    return grad_alphas, float(-v @ coef_s) if l2 > 0 else 0.0  # unused without a ridge
 
 
 # ---------------------------------------------------------------------------------

@@ -394,3 +394,149 @@ def test_tolerance_below_float64_resolution_is_floored_with_a_warning():
         assert not any(issubclass(w.category, ConvergenceWarning) for w in caught), messages
         assert model.converged_ and model.n_iter_ < model.max_iter
     _close_to_sklearn(model.set_params(tol=TIGHT).fit(X, labels), X, labels)
+
+
+# -- robustness rows: what each bad input gets ------------------------------------------
+def _scaled_problem():
+    X, y = diabetes()
+    X = (X - X.mean(0)) / X.std(0)
+    return X[:300], y[:300], X[300:], y[300:]
+
+
+@pytest.mark.parametrize(
+    "x_scale,y_scale", [(1e-150, 1e-100), (1e-150, 1e100), (1e150, 1e-100), (1e150, 1e100)]
+)
+def test_extreme_scales_give_the_rescaled_solution_and_hypergradient(x_scale, y_scale):
+    # b(sX, ty, alpha s t, ridge s^2) = (t / s) b(X, y, alpha, ridge); the held-out MSE
+    # and its gradient in the log penalties scale by t^2.
+    X, y, X_val, y_val = _scaled_problem()
+    s, t = x_scale, y_scale
+    models = [(L.Lasso(1.0, tol=TIGHT), L.Lasso(1.0 * s * t, tol=TIGHT))]
+    if 1e-100 <= t / s <= 1e100:  # beyond, the ridge gradient b^T v overflows (an error)
+        models.append(
+            (L.ElasticNet(0.5, 0.2, tol=TIGHT), L.ElasticNet(0.5 * s * t, 0.2 * s * s, tol=TIGHT))
+        )
+    for model, scaled in models:
+        value, grad = L.hypergradient(model, L.HeldOutMSE(X_val, y_val), X, y)
+        value_s, grad_s = L.hypergradient(scaled, L.HeldOutMSE(s * X_val, t * y_val), s * X, t * y)
+        scale = np.max(np.abs(model.coef_))
+        np.testing.assert_allclose(scaled.coef_ * s / t, model.coef_, atol=1e-9 * scale)
+        assert scaled.converged_
+        assert value_s / t**2 == pytest.approx(value, rel=1e-9)
+        np.testing.assert_allclose(grad_s / t**2, grad, rtol=1e-7, atol=1e-9 * np.abs(grad).max())
+
+
+@pytest.mark.parametrize("x_scale", [1e30, 1e150])  # small X: see the robustness notes
+def test_logistic_at_extreme_scales(x_scale):
+    X, y = breast_cancer(200)
+    reference = L.SparseLogisticRegression(alpha=0.02, tol=TIGHT).fit(X, y)
+    scaled = L.SparseLogisticRegression(alpha=0.02 * x_scale, tol=TIGHT).fit(x_scale * X, y)
+    np.testing.assert_allclose(scaled.coef_ * x_scale, reference.coef_, atol=1e-8)
+    assert scaled.intercept_ == pytest.approx(reference.intercept_, abs=1e-8)
+
+
+def _bad_data_cases(X, y):
+    nan_X, inf_y = X.copy(), y.copy()
+    nan_X[1, 1], inf_y[0] = np.nan, -np.inf
+    return [
+        (nan_X, y, "`X` contains NaN or infinity"),
+        (X, inf_y, "`y` contains NaN or infinity"),
+        (sp.csr_matrix(nan_X), y, "`X` contains NaN or infinity"),
+        (X[:, 0], y, "`X` must be 2-D"),
+        (X[None], y, "`X` must be 2-D"),
+        (X[:0], y[:0], "at least one sample"),
+        (X, np.c_[y, y], r"`y` must be 1-D .* Received shape \(\d+, 2\)"),
+        (X, y[:-1], "mismatched numbers of samples"),
+        (X + 1j, y, "complex data is not supported"),
+        (X.astype(str), y, r"`X` must be numeric. Received dtype <U"),
+        (sp.csr_matrix(X + 1j), y, "must be real numeric"),
+        (X, y.astype(str), r"`y` must be numeric"),
+        (np.array([[{}] * X.shape[1]] * X.shape[0]), y, "must be a real numeric array"),
+    ]
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_every_estimator_refuses_bad_data_with_a_clear_message(index):
+    X, y = diabetes()
+    X, y = X[:40], y[:40]
+    labels = (y > np.median(y)).astype(float)
+    for bad_X, bad_y, match in _bad_data_cases(X, labels if index == 3 else y):
+        model = _all_models()[index]
+        with pytest.raises(ValueError, match=match):
+            model.fit(bad_X, bad_y)
+        assert not hasattr(model, "coef_")
+    model = _all_models()[index].fit(X, labels if index == 3 else y)
+    with pytest.raises(ValueError, match="has 3 features but the model expects 10"):
+        model.predict(X[:, :3])
+    with pytest.raises(ValueError, match="`X` contains NaN"):
+        model.predict(np.where(X > 0, np.nan, X))
+
+
+def test_criteria_hypergradient_and_search_refuse_bad_data():
+    X, y, X_val, y_val = _scaled_problem()
+    labels, labels_val = (y > 150).astype(float), (y_val > 150).astype(float)
+    with pytest.raises(ValueError, match="`X_val` contains NaN"):
+        L.HeldOutLogistic(np.where(X_val > 1, np.inf, X_val), labels_val)
+    with pytest.raises(ValueError, match="`y_val` contains NaN"):
+        L.HeldOutMSE(X_val, np.where(y_val > 100, np.nan, y_val))
+    with pytest.raises(ValueError, match="`X_val` must be real"):
+        L.HeldOutMSE(X_val + 1j, y_val)
+    with pytest.raises(ValueError, match=r"`y_val` must be 1-D"):
+        L.HeldOutMSE(X_val, np.c_[y_val, y_val])
+    with pytest.raises(ValueError, match="not among the model classes"):
+        L.hypergradient(
+            L.SparseLogisticRegression(0.01), L.HeldOutLogistic(X_val, labels_val + 2), X, labels
+        )
+    with pytest.raises(ValueError, match="Received: sigma=inf"):
+        L.SURE(sigma=np.inf)
+    with pytest.raises(ValueError, match="Received: sigma=-1"):
+        L.SURE(sigma=-1)
+    with pytest.raises(ValueError, match="`cv` must be an integer >= 2"):
+        L.CrossVal(cv=[1, 2])
+    with pytest.raises(ValueError, match="folds need at least as many samples"):
+        L.hypergradient(L.Lasso(0.5), L.CrossVal(cv=50), X[:10], y[:10])
+    bad = X.copy()
+    bad[0, 0] = np.nan
+    for criterion in (L.HeldOutMSE(X_val, y_val), L.CrossVal(cv=3), L.SURE(50.0)):
+        with pytest.raises(ValueError, match="`X` contains NaN"):
+            L.hypergradient(L.Lasso(0.5), criterion, bad, y)
+        with pytest.raises(ValueError, match="`X` contains NaN"):
+            L.search(L.Lasso(0.5), criterion, bad, y, verbose=0)
+    with pytest.raises(ValueError, match="`y` must be 1-D"):
+        L.search(L.Lasso(0.5), L.HeldOutMSE(X_val, y_val), X, np.c_[y, y], verbose=0)
+    with pytest.raises(ValueError, match="Received: alpha=0"):
+        L.search(L.Lasso(alpha=0), L.HeldOutMSE(X_val, y_val), X, y, verbose=0)
+    with pytest.raises(ValueError, match=r"Received: alphas\[2\]=0.0"):
+        L.search(L.WeightedLasso(alphas=[1, 1, 0.0] + [1] * 7), L.CrossVal(), X, y, verbose=0)
+    with pytest.raises(ValueError, match="Received: tol=-1"):
+        L.hypergradient(L.Lasso(0.5, tol=-1), L.SURE(50.0), X, y)
+
+
+@pytest.mark.parametrize("name", ["heldout", "cv", "sure", "logistic", "cv_logistic"])
+def test_empty_support_gives_a_zero_hypergradient_with_a_warning(name):
+    # Above alpha_max the solution is zero on a neighbourhood of the penalty: the
+    # derivative is exactly 0, and the warning tells the outer loop to decrease it.
+    X, y, X_val, y_val = _scaled_problem()
+    logistic = "logistic" in name
+    target, target_val = ((y > 150).astype(float), (y_val > 150).astype(float))
+    if not logistic:
+        target, target_val = y, y_val
+    alpha = 2.0 * L.alpha_max(X, target, loss="logistic" if logistic else "squared")
+    model = L.SparseLogisticRegression(alpha, tol=TIGHT) if logistic else L.Lasso(alpha)
+    criterion = {
+        "heldout": L.HeldOutMSE(X_val, y_val),
+        "cv": L.CrossVal("mse", cv=3),
+        "sure": L.SURE(50.0),
+        "logistic": L.HeldOutLogistic(X_val, target_val),
+        "cv_logistic": L.CrossVal("logistic", cv=3),
+    }[name]
+    with pytest.warns(L.EmptySupportWarning, match="all zeros"):
+        value, grad, info = L.hypergradient(model, criterion, X, target, return_info=True)
+    np.testing.assert_array_equal(grad, [0.0])
+    assert info.empty_support and np.isfinite(value)
+    if name == "heldout":
+        assert value == pytest.approx(np.mean((y_val - y.mean()) ** 2))
+    if name == "logistic":
+        p = target.mean()
+        expected = -np.mean(target_val * np.log(p) + (1 - target_val) * np.log(1 - p))
+        assert value == pytest.approx(expected, rel=1e-6)
