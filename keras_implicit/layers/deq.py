@@ -116,6 +116,9 @@ class DEQ(keras.layers.Layer):
             `state_shape(input_shape)` if it has one, else the shape of x.
         solver: forward solver name or `ki.solvers.Solver` ("anderson" default).
         max_iter, tol: forward budget and tolerance (relative residual per sample).
+            Tolerances (also `inference_tol`, `backward_tol`) below 2 machine epsilons
+            of the compute dtype are raised to it, with one warning per layer. Under a
+            mixed policy the solve runs in float32 and z* comes back in the compute dtype.
         inference_max_iter, inference_tol: used instead when `training` is false
             (e.g. a smaller budget for prediction); default: the training values.
         backward: "implicit" (default) or "phantom".
