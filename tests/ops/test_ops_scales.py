@@ -27,6 +27,9 @@ import numpy as np
 import ops_reference as ref
 import pytest
 import tensorflow as tf
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 import keras_implicit.ops as ops
 
@@ -470,3 +473,26 @@ def test_exp_cone_jacobian_next_to_the_special_region(dtype):
         axis=-1,
     )
     np.testing.assert_allclose(jac[0], fd, atol=1e-6)
+
+
+@settings(max_examples=15, deadline=None, derandomize=True)
+@given(
+    st.integers(-30, 30),
+    st.integers(-30, 30),
+    hnp.arrays(np.float64, (3, 7), elements=st.floats(-1.0, 1.0, allow_subnormal=False)),
+)
+def test_simplex_family_at_random_scales(x_exponent, value_exponent, x1):
+    """float32 projections onto the simplex and the l1 ball/sphere with |x| and the
+    value each anywhere in 1e-30..1e30: exact against the shifted float64 reference,
+    relative to the value."""
+    value = 10.0**value_exponent
+    x = tf.constant(x1 * 10.0**x_exponent, tf.float32)
+    x64 = np.asarray(x, np.float64)
+    for op, expected in (
+        (ops.projection_simplex, _simplex_ref(x64, value)),
+        (ops.projection_l1_sphere, _l1_sphere_ref(x64, value)),
+        (ops.projection_l1_ball, _l1_ball_ref(x64, value)),
+    ):
+        y = np.asarray(op(x, value), np.float64)
+        scale = np.maximum(np.abs(expected).max(-1, keepdims=True), np.finfo(np.float32).tiny)
+        _assert_below(np.abs(y - expected), 1e-5 * scale)
