@@ -296,8 +296,30 @@ def _solve(c, A, b, cone, settings, batch):
     return (x, s, y), status, iters
 
 
+def _row_scale(t):
+    """Per row max |t| (1 where that is 0 or not finite), gradient stopped."""
+    t = tf.stop_gradient(t)
+    scale = tf.reduce_max(tf.abs(t), axis=list(range(1, t.shape.rank)))
+    return tf.where(tf.math.is_finite(scale) & (scale > 0), scale, tf.ones_like(scale))
+
+
 def solve_cone_program(c, A, b, cone, settings):
-    """Batched c (B, n), A (B, m, n), b (B, m); differentiable w.r.t. c, A, b."""
+    """Batched c (B, n), A (B, m, n), b (B, m); differentiable w.r.t. c, A, b.
+
+    Each row is solved with c, A and b divided by their largest entries: K is a cone,
+    so x*(c, A, b) = (|b| / |A|) x*(c / |c|, A / |A|, b / |b|) and y* scales by
+    |c| / |A|, exactly. Tolerances are then relative to the data's scale (a cost of
+    1e-8 is solved as accurately as one of 1). The gradient through the stopped
+    scales is exact too: x* is homogeneous of degree 0 in c and 1 in b (Euler).
+    """
+    sc, sA, sb = _row_scale(c), _row_scale(A), _row_scale(b)
+    x, y, status = _solve_normalized(
+        c / sc[:, None], A / sA[:, None, None], b / sb[:, None], cone, settings
+    )
+    return x * (sb / sA)[:, None], y * (sc / sA)[:, None], status
+
+
+def _solve_normalized(c, A, b, cone, settings):
     with tf.name_scope("cone_program"):
         batch = tf.shape(c)[0]
         dtype = c.dtype

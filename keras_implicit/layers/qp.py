@@ -135,7 +135,54 @@ def solve_qp(params: dict, batched: dict, settings: qps.Settings, check_psd=None
     check_psd: test Q's PSD-ness per row (status 5 "non_convex" where it fails);
       default: when Q is batched.
     Returns x, nu, lam, status, iterations.
+
+    Rows whose data is small are solved in normalized units, so that the absolute part
+    of the tolerance does not swallow them: with tau = min(1, largest |b|, |h| (finite))
+    and sigma = min(1, largest |Q|, |q| / tau), the QP (Q / sigma, q / (tau sigma), A,
+    b / tau, G, h / tau) has the solution x* / tau and duals / (tau sigma), exactly (a
+    cost of 1e-8 is solved as accurately as one of 1). Rows with data of size 1 or more
+    are solved as given (Ruiz equilibration handles their units). The gradient through
+    the stopped scales is exact: x* is homogeneous of degree 0 in (Q, q) and of degree
+    1 in (q, b, h).
     """
+    if check_psd is None:
+        check_psd = batched["Q"]
+    ref = next(params[k] for k in NAMES if batched[k])
+    B = tf.shape(ref)[0]
+
+    def full(name):
+        t = params[name]
+        return t if batched[name] else tf.broadcast_to(t, tf.concat([[B], tf.shape(t)], 0))
+
+    Q, q, A, b, G, h = (full(k) for k in NAMES)
+
+    def row_max(t):
+        t = tf.abs(tf.stop_gradient(t))
+        t = tf.where(tf.math.is_finite(t), t, tf.zeros_like(t))
+        pad = tf.zeros([B, 1], t.dtype)  # keeps empty parameters (p = 0, m = 0) defined
+        return tf.reduce_max(tf.concat([tf.reshape(t, [B, -1]), pad], -1), -1)
+
+    def usable(scale):
+        return tf.where(scale > 0, tf.minimum(scale, 1.0), tf.ones_like(scale))
+
+    tau = usable(tf.maximum(row_max(b), row_max(h)))
+    sigma = usable(tf.maximum(row_max(Q), row_max(q) / tau))
+    normalized = {
+        "Q": Q / sigma[:, None, None],
+        "q": q / (tau * sigma)[:, None],
+        "A": A,
+        "b": b / tau[:, None],
+        "G": G,
+        "h": h / tau[:, None],
+    }
+    x, nu, lam, status, iters = _solve_normalized(
+        normalized, settings, check_psd, dict.fromkeys(NAMES, True)
+    )
+    dual = (tau * sigma)[:, None]
+    return x * tau[:, None], nu * dual, lam * dual, status, iters
+
+
+def _solve_normalized(params, settings, check_psd, batched):
     with tf.name_scope("quadratic_program"):
         ref = next(params[k] for k in NAMES if batched[k])
         dtype = ref.dtype
@@ -161,8 +208,6 @@ def solve_qp(params: dict, batched: dict, settings: qps.Settings, check_psd=None
         Q = tf.where(ok3, Q, tf.eye(n, batch_shape=[B], dtype=dtype))
         # rows whose Q is not PSD (a nonconvex QP) are treated the same way
         convex = tf.ones([B], tf.bool)
-        if check_psd is None:
-            check_psd = batched["Q"]
         if check_psd:
             convex = psd_rows(Q)
             ok_in &= convex
@@ -365,7 +410,10 @@ class QuadraticProgram(keras.layers.Layer):
       return_duals: also return nu (equalities) and lam (inequalities).
       return_status: also return the int32 status per row (0 = solved).
       tol: absolute and relative tolerance of the ADMM residuals (default 1e-6 in
-        float64, 1e-4 in float32; polishing usually ends far below it).
+        float64, 1e-4 in float32; polishing usually ends far below it). Rows whose data
+        is smaller than 1 are measured in normalized units (see `solve_qp`); a tol below
+        100 machine epsilons of the solve dtype is raised to that floor, with one
+        warning per layer.
       max_iter: maximum ADMM iterations. rho, sigma, alpha: ADMM step, proximal
         regularization and over-relaxation (OSQP's meaning). check_interval:
         iterations between convergence checks / rho updates. polish: finish with a
@@ -375,7 +423,11 @@ class QuadraticProgram(keras.layers.Layer):
         iterations; 0 turns it off. Tolerances, duals and outputs are always in the
         original units.
       on_failure: "warn" (default), "raise" or "ignore" for rows not solved (same
-        semantics as `ki.fixed_point`; under XLA read the status instead).
+        semantics as `ki.fixed_point` and `ConeProgram`; under XLA, "raise" sets those
+        rows to NaN and the status output carries the rest).
+
+    Under a mixed precision policy the solve runs in float32 (Cholesky has no half
+    kernel) and the outputs come back in the compute dtype.
 
     Call:
       inputs: dict name -> batched tensor, or list/tuple (see `input_names`), or one

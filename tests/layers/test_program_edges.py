@@ -259,10 +259,17 @@ def test_non_finite_and_huge_rows_are_flagged_and_leave_the_others_alone(layer_c
         x, status = layer(q)
         loss = tf.reduce_sum(tf.constant(WEIGHTS) * x)
     grad = tape.gradient(loss, q).numpy()
-    # non-finite data: numerical_error, NaN rows; 1e300: not solved (max_iter)
-    assert status.numpy().tolist() == [0, qps.NUMERICAL_ERROR, qps.NUMERICAL_ERROR, 1, 0]
+    # non-finite data: numerical_error, NaN rows, zero gradient. A 1e300 entry: the
+    # QP is not solved (max_iter, zero gradient); the conic program, scale-invariant in
+    # c, is solved: x* = -c / |c| ~ -e_2
+    huge = qps.MAX_ITER if layer_cls is QuadraticProgram else qps.SOLVED
+    assert status.numpy().tolist() == [0, qps.NUMERICAL_ERROR, qps.NUMERICAL_ERROR, huge, 0]
     assert np.all(np.isnan(x.numpy()[1:3]))
-    assert np.all(grad[1:4] == 0.0) and np.all(np.isfinite(grad))
+    assert np.all(grad[1:3] == 0.0) and np.all(np.isfinite(grad))
+    if layer_cls is QuadraticProgram:
+        assert np.all(grad[3] == 0.0)
+    else:
+        np.testing.assert_allclose(x.numpy()[3], -np.eye(4)[2], atol=1e-6)
     good = tf.constant(rows[[0, 4]])
     with tf.GradientTape() as tape:
         tape.watch(good)
@@ -286,3 +293,31 @@ def test_wrong_shapes_and_dtypes_are_refused(layer_cls, kwargs):
         layer_cls(**kwargs, tol=-1)
     with pytest.raises(ValueError, match=r"on_failure"):
         layer_cls(**kwargs, on_failure="loud")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_extreme_scales_are_solved_or_reported(dtype):
+    # ConeProgram: x* does not depend on the scale of c (the ball's radius is 1)
+    cone = ConeProgram(**CONE_KW, dtype=dtype, return_status=True)
+    c = Q_ROWS[:1] * np.array([[1e-8], [1e-4], [1e4], [1e8]])
+    x, status = cone(tf.constant(c, dtype))
+    assert status.numpy().tolist() == [0] * 4
+    reference = -Q_ROWS[:1] / np.linalg.norm(Q_ROWS[0])
+    np.testing.assert_allclose(x.numpy(), np.repeat(reference, 4, 0), atol=2e-4)
+    # QuadraticProgram: the cost scaled by s leaves x* alone; q, b, h scaled by s
+    # (Q fixed) scale it by s. Tiny data used to be "solved" by the absolute tolerance.
+    qp = QuadraticProgram(A=np.ones((1, 4)), G=-np.eye(4), return_status=True, dtype=dtype)
+    scales = np.array([1e-8, 1e-4, 1.0, 1e4, 1e8])
+    Q = QP_Q[None] * scales[:, None, None]
+    q = Q_ROWS[1:2] * scales[:, None]
+    inputs = {"Q": Q, "q": q, "b": np.ones((5, 1)), "h": np.zeros((5, 4))}
+    x, status = qp({k: tf.constant(v, dtype) for k, v in inputs.items()})
+    assert status.numpy().tolist() == [0] * 5
+    np.testing.assert_allclose(x.numpy(), np.repeat(x.numpy()[2:3], 5, 0), atol=1e-4)
+    units = {"Q": np.repeat(QP_Q[None], 5, 0), "q": Q_ROWS[1:2] * scales[:, None]}
+    units["b"], units["h"] = scales[:, None], np.zeros((5, 4))
+    x, status = qp({k: tf.constant(v, dtype) for k, v in units.items()})
+    assert status.numpy().tolist() == [0] * 5
+    np.testing.assert_allclose(
+        x.numpy() / scales[:, None], np.repeat(x.numpy()[2:3], 5, 0), atol=1e-4
+    )
