@@ -353,7 +353,9 @@ class DEQ(keras.layers.Layer):
                 z_safe = self._phantom(step, tf.stop_gradient(z_safe), context, ok)
             if training and self.jacobian_weight > 0:
                 self.add_loss(self.jacobian_weight * self._jacobian_penalty(step, z_safe, context))
-            return readout(z_safe)
+            out = readout(z_safe)
+            # a readout with an offset (ConvCell's normalization) maps zero rows elsewhere
+            return out if self.on_failure == "raise" else _where_rows(ok, out, tf.zeros_like(out))
 
     def _phantom(self, step, z, context, ok):
         """k damped unrolled steps from z* (recorded by the tape): the phantom gradient."""

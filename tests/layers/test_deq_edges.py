@@ -176,6 +176,8 @@ def test_bad_rows_do_not_poison_the_batch(kind):
     good = [0, 2, 3, 5]
     deq = layers.DEQ(make(), tol=1e-6, max_iter=100, on_failure="ignore")
     deq(x)
+    if kind == "conv":  # a readout that does not map zero to zero (GN_out's offset)
+        deq.cell.norm_out.beta.assign(0.5 * np.ones(deq.cell.norm_out.beta.shape))
 
     def run(inputs, rows):
         with tf.GradientTape() as tape:
@@ -284,10 +286,30 @@ def test_conv_cell_validates_lipschitz_and_skip():
     assert (config["lipschitz"], config["skip"]) == (0.8, 0.0)
 
 
+class _AttentionPooling(keras.layers.Layer):
+    """Softmax-weighted average of the positions of a (batch, h, w, c) feature map."""
+
+    def build(self, shape):
+        self.score = keras.layers.Dense(1)
+        self.score.build((None, shape[-1]))
+
+    def call(self, z):
+        z = tf.reshape(z, [tf.shape(z)[0], -1, z.shape[-1]])
+        return tf.reduce_sum(tf.nn.softmax(self.score(z), axis=1) * z, axis=1)
+
+
 @pytest.mark.slow
-def test_conv_deq_under_global_pooling_trains_on_digits():
-    """The model that trained at chance (0.10 test accuracy after 25 epochs); with the
-    contractive ConvCell it reaches 0.92 and every sample converges."""
+@pytest.mark.parametrize(
+    "head, epochs, target",
+    [
+        (keras.layers.GlobalAveragePooling2D, 25, 0.85),  # measured 0.92 (old cell: 0.10)
+        (keras.layers.Flatten, 15, 0.9),  # measured 0.94
+        (_AttentionPooling, 25, 0.8),  # measured 0.87
+    ],
+)
+def test_conv_deq_under_global_pooling_trains_on_digits(head, epochs, target):
+    """The model that trained at chance under global average pooling (0.10 test accuracy
+    after 25 epochs), and the other heads Keras users write; every sample converges."""
     x_train, y_train, x_test, y_test = _digits()
     keras.utils.set_random_seed(0)
     model = keras.Sequential(
@@ -295,14 +317,14 @@ def test_conv_deq_under_global_pooling_trains_on_digits():
             keras.Input((8, 8, 1)),
             keras.layers.Conv2D(16, 3, padding="same"),
             layers.DEQ(layers.ConvCell(16), jacobian_weight=0.5, name="deq"),
-            keras.layers.GlobalAveragePooling2D(),
+            head(),
             keras.layers.Dense(10, activation="softmax"),
         ]
     )
     model.compile(keras.optimizers.Adam(), "sparse_categorical_crossentropy", metrics=["accuracy"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ki.ConvergenceWarning)
-        logs = model.fit(x_train, y_train, batch_size=64, epochs=25, verbose=0).history
+        logs = model.fit(x_train, y_train, batch_size=64, epochs=epochs, verbose=0).history
     accuracy = model.evaluate(x_test, y_test, verbose=0)[1]
-    assert accuracy >= 0.85, (accuracy, logs["loss"][-5:])
+    assert accuracy >= target, (accuracy, logs["loss"][-5:])
     assert min(logs["deq_forward_converged"]) >= 0.99, logs["deq_forward_converged"]
