@@ -65,6 +65,8 @@ __all__ = ["ConeProgram", "project_cone", "validate_cone"]
 
 _KEYS = ("z", "l", "q", "s", "ep")
 INPUT_NAMES = ("c", "A", "b")
+# P (a quadratic objective) is an input only when named: in a dict or in `input_names`
+ALL_INPUT_NAMES = (*INPUT_NAMES, "P")
 INFEASIBLE_TOL = 1e-5  # relative tolerance of the infeasibility certificates
 # the per-row status codes, shared with QuadraticProgram
 STATUS_NAMES = {
@@ -180,17 +182,20 @@ def project_cone(v, cone):
 # ------------------------------------------------------------------ solver
 
 
-def _inverse(A, rho, sigma):
+def _inverse(A, rho, sigma, P=None):
+    """(P + sigma I + rho A^T A)^{-1} per row (P: the quadratic objective, or None)."""
     n = tf.shape(A)[-1]
     eye = tf.eye(n, batch_shape=tf.shape(A)[:1], dtype=A.dtype)
-    return tf.linalg.inv(sigma * eye + rho * tf.linalg.matmul(A, A, transpose_a=True))
+    matrix = sigma * eye + rho * tf.linalg.matmul(A, A, transpose_a=True)
+    return tf.linalg.inv(matrix if P is None else matrix + P)
 
 
 def _admm_step(state, c, A, b, cone, rho, sigma, alpha, inv):
     """One relaxed ADMM step on (x, s, y); fixed points are primal-dual solutions.
 
     Scaled-dual ADMM on the consensus s~ = s, s in K, with (x~, s~) from the
-    equality-constrained subproblem A x~ + s~ = b; at a fixed point c = A^T y.
+    equality-constrained subproblem A x~ + s~ = b; at a fixed point P x + c = A^T y.
+    A quadratic objective enters only through `inv` (COSMO's x-update).
     """
     x, s, y = state
     rhs = sigma * x - c + tf.linalg.matvec(A, rho * (b - s) + y, transpose_a=True)
@@ -203,13 +208,13 @@ def _admm_step(state, c, A, b, cone, rho, sigma, alpha, inv):
     return x_new, s_new, y_new
 
 
-def _infeasibility(c, A, b, cone, dx, dy, eps):
+def _infeasibility(c, A, b, cone, dx, dy, eps, P=None):
     """Per-row certificates from ADMM iterate differences (COSMO, Garstka et al. 2021).
 
     The ADMM iterates of an infeasible problem diverge linearly; their differences
     converge to certificates (scaled arbitrarily, so every test is relative):
       primal infeasible: dy in K*, A^T dy = 0, b^T dy < 0 (dy: conic dual sign);
-      dual infeasible (unbounded): -A dx in K, c^T dx < 0.
+      dual infeasible (unbounded): -A dx in K, c^T dx < 0 (and P dx = 0).
     K* membership is dist(dy, K*) = ||P_K(-dy)|| (Moreau; the zero cone's dual is
     free, and P_K zeroes that block).
     """
@@ -225,10 +230,12 @@ def _infeasibility(c, A, b, cone, dx, dy, eps):
     u = -tf.linalg.matvec(A, dx)
     dist_primal = qps._inf_norm(u - project_cone(u, cone))
     d_inf = (nx > eps) & (tf.reduce_sum(c * dx, -1) <= -eps * nx) & (dist_primal <= eps * nx)
+    if P is not None:
+        d_inf &= qps._inf_norm(tf.linalg.matvec(P, dx)) <= eps * nx
     return p_inf, d_inf
 
 
-def _solve(c, A, b, cone, settings, batch):
+def _solve(c, A, b, cone, settings, batch, P=None):
     """Runs ADMM in chunks with per-row convergence; returns state, status, iterations."""
     dtype = c.dtype
     rho = tf.constant(settings["rho"], dtype)
@@ -238,7 +245,7 @@ def _solve(c, A, b, cone, settings, batch):
     eps_inf = tf.constant(
         qps.infeasible_tol(settings.get("infeasible_tol", INFEASIBLE_TOL), dtype), dtype
     )
-    inv = _inverse(A, rho, sigma)
+    inv = _inverse(A, rho, sigma, P)
     n, m = tf.shape(c)[-1], tf.shape(b)[-1]
     x, s, y = tf.zeros([batch, n], dtype), tf.zeros([batch, m], dtype), tf.zeros([batch, m], dtype)
     status = tf.fill([batch], tf.constant(qps.MAX_ITER, tf.int32))
@@ -254,20 +261,24 @@ def _solve(c, A, b, cone, settings, batch):
 
         _, xn, sn, yn = tf.while_loop(lambda i, *_: i < interval, inner, (0, x, s, y))
         Ax, Aty = tf.linalg.matvec(A, xn), tf.linalg.matvec(A, yn, transpose_a=True)
+        Px = tf.zeros_like(xn) if P is None else tf.linalg.matvec(P, xn)
         r_prim = qps._inf_norm(Ax + sn - b)
-        r_dual = qps._inf_norm(c - Aty)
+        r_dual = qps._inf_norm(Px + c - Aty)
         s_prim = tf.maximum(tf.maximum(qps._inf_norm(Ax), qps._inf_norm(sn)), qps._inf_norm(b))
-        s_dual = tf.maximum(qps._inf_norm(Aty), qps._inf_norm(c))
-        gap = tf.abs(tf.reduce_sum(c * xn, -1) - tf.reduce_sum(b * yn, -1))
+        s_dual = tf.maximum(tf.maximum(qps._inf_norm(Aty), qps._inf_norm(c)), qps._inf_norm(Px))
+        # primal 1/2 x'Px + c'x against dual -1/2 x'Px - b'y (y the conic dual, -yn)
+        xPx = tf.reduce_sum(xn * Px, -1)
+        primal = 0.5 * xPx + tf.reduce_sum(c * xn, -1)
+        gap = tf.abs(primal + 0.5 * xPx - tf.reduce_sum(b * yn, -1))
         done = (
             (r_prim <= eps * (1 + s_prim))
             & (r_dual <= eps * (1 + s_dual))
-            & (gap <= eps * (1 + tf.abs(tf.reduce_sum(c * xn, -1))))
+            & (gap <= eps * (1 + tf.abs(primal)))
         )
         finite = tf.math.is_finite(r_prim) & tf.math.is_finite(r_dual)
         # certificates from the iterate differences over this chunk (not checked on
         # the first chunk, whose differences are from the zero start)
-        p_inf, d_inf = _infeasibility(c, A, b, cone, xn - x, -(yn - y), eps_inf)
+        p_inf, d_inf = _infeasibility(c, A, b, cone, xn - x, -(yn - y), eps_inf, P)
         p_inf &= k > 0
         d_inf &= k > 0
         new = tf.where(
@@ -303,23 +314,31 @@ def _row_scale(t):
     return tf.where(tf.math.is_finite(scale) & (scale > 0), scale, tf.ones_like(scale))
 
 
-def solve_cone_program(c, A, b, cone, settings):
-    """Batched c (B, n), A (B, m, n), b (B, m); differentiable w.r.t. c, A, b.
+def solve_cone_program(c, A, b, cone, settings, P=None):
+    """Batched c (B, n), A (B, m, n), b (B, m) [, P (B, n, n)]; differentiable w.r.t. all.
 
-    Each row is solved with c, A and b divided by their largest entries: K is a cone,
-    so x*(c, A, b) = (|b| / |A|) x*(c / |c|, A / |A|, b / |b|) and y* scales by
-    |c| / |A|, exactly. Tolerances are then relative to the data's scale (a cost of
-    1e-8 is solved as accurately as one of 1). The gradient through the stopped
-    scales is exact too: x* is homogeneous of degree 0 in c and 1 in b (Euler).
+    Solves min 1/2 x'Px + c'x s.t. Ax + s = b, s in K (P = None: a linear objective).
+    Each row is solved on rescaled data: with sA, sb the largest entries of A and b,
+    x = k x^ (k = sb / sA) turns the problem into one with A / sA, b / sb, k P and c,
+    whose objective is then divided by its own largest entry so. The identity holds
+    for any positive constants, so solving the rescaled row and mapping back
+    (x = k x^, y = y^ so / sA) is exact, gradients included with the scales held
+    fixed. Tolerances are then relative to the data's scale (a cost of 1e-8 is solved
+    as accurately as one of 1).
     """
-    sc, sA, sb = _row_scale(c), _row_scale(A), _row_scale(b)
+    sA, sb = _row_scale(A), _row_scale(b)
+    k = sb / sA
+    P_hat = None if P is None else P * k[:, None, None]
+    so = _row_scale(c) if P is None else tf.maximum(_row_scale(c), _row_scale(P_hat))
+    if P_hat is not None:
+        P_hat = P_hat / so[:, None, None]
     x, y, status = _solve_normalized(
-        c / sc[:, None], A / sA[:, None, None], b / sb[:, None], cone, settings
+        c / so[:, None], A / sA[:, None, None], b / sb[:, None], cone, settings, P_hat
     )
-    return x * (sb / sA)[:, None], y * (sc / sA)[:, None], status
+    return x * k[:, None], y * (so / sA)[:, None], status
 
 
-def _solve_normalized(c, A, b, cone, settings):
+def _solve_normalized(c, A, b, cone, settings, P=None):
     with tf.name_scope("cone_program"):
         batch = tf.shape(c)[0]
         dtype = c.dtype
@@ -328,12 +347,12 @@ def _solve_normalized(c, A, b, cone, settings):
         alpha = tf.constant(settings["alpha"], dtype)
         status_box = {}
 
-        def fixed_map(state, c_, A_, b_):
-            inv = _inverse(A_, rho, sigma)
+        def fixed_map(state, c_, A_, b_, *P_):
+            inv = _inverse(A_, rho, sigma, *P_)
             return _admm_step(state, c_, A_, b_, cone, rho, sigma, alpha, inv)
 
-        def solver(state0, c_, A_, b_):
-            state, status, iters = _solve(c_, A_, b_, cone, settings, batch)
+        def solver(state0, c_, A_, b_, *P_):
+            state, status, iters = _solve(c_, A_, b_, cone, settings, batch, *P_)
             status_box["status"], status_box["iters"] = status, iters
             return state
 
@@ -352,8 +371,8 @@ def _solve_normalized(c, A, b, cone, settings):
             tf.zeros([batch, m], dtype),
             tf.zeros([batch, m], dtype),
         )
-        x, _, y = solve(state0, c, A, b)
-        y = -y  # the ADMM multiplier is minus the conic dual: c + A^T y = 0, y in K*
+        x, _, y = solve(state0, c, A, b, *([] if P is None else [P]))
+        y = -y  # the ADMM multiplier is minus the conic dual: Px + c + A^T y = 0, y in K*
         status = tf.stop_gradient(status_box["status"])
         ok = tf.equal(status, qps.SOLVED)[:, None]
         # unsolved rows: value kept, gradient cut (the cotangent into the solve is zero)
@@ -367,7 +386,10 @@ def _solve_normalized(c, A, b, cone, settings):
 
 @keras.saving.register_keras_serializable(package="keras_implicit")
 class ConeProgram(keras.layers.Layer):
-    """Batched differentiable conic program  min c^T x  s.t.  A x + s = b,  s in K.
+    """Batched differentiable conic program  min 1/2 x'Px + c'x  s.t.  A x + s = b,  s in K.
+
+    P (positive semidefinite, (B, n, n)) is optional: pass it in the input dict (or name
+    it in `input_names`) for a quadratic objective; without it the objective is c'x.
 
     Args:
       cone: SCS-style dict (see the module docstring).
@@ -449,7 +471,7 @@ class ConeProgram(keras.layers.Layer):
                 f"Received: trainable_params={trainable_params!r}"
             )
         self.trainable_params = trainable_params
-        self.input_names = check_input_names(input_names, INPUT_NAMES, self._arrays)
+        self.input_names = check_input_names(input_names, ALL_INPUT_NAMES, self._arrays)
         self.return_duals = bool(return_duals)
         self.return_status = bool(return_status)
         self.settings = {
@@ -486,7 +508,10 @@ class ConeProgram(keras.layers.Layer):
         self._input_keys = None
 
     def _normalize(self, inputs):
-        return normalize_inputs(inputs, INPUT_NAMES, self._arrays, self.input_names, "ConeProgram")
+        names = INPUT_NAMES
+        if isinstance(inputs, dict) or (self.input_names and "P" in self.input_names):
+            names = ALL_INPUT_NAMES
+        return normalize_inputs(inputs, names, self._arrays, self.input_names, "ConeProgram")
 
     def _check_shapes(self, shapes):
         """Ranks, n and m of the input shapes (batch axis first); unknown sizes pass."""
@@ -501,8 +526,8 @@ class ConeProgram(keras.layers.Layer):
             raise ValueError(
                 f"ConeProgram needs `c` as an input. Received input keys {sorted(shapes)}"
             )
-        ranks = {"c": 2, "A": 3, "b": 2}
-        dims = {"c": ("n",), "A": ("m", "n"), "b": ("m",)}
+        ranks = {"c": 2, "A": 3, "b": 2, "P": 3}
+        dims = {"c": ("n",), "A": ("m", "n"), "b": ("m",), "P": ("n", "n")}
         sizes = {"m": (m, "the cone")}
         if "A" in self._arrays:
             sizes["n"] = (self._arrays["A"].shape[1], "A")
@@ -526,7 +551,7 @@ class ConeProgram(keras.layers.Layer):
     def build(self, input_shape):
         shapes = self._normalize(input_shape)
         self._check_shapes(shapes)
-        self._input_keys = tuple(k for k in INPUT_NAMES if k in shapes)
+        self._input_keys = tuple(k for k in ALL_INPUT_NAMES if k in shapes)
         for k, arr in self._arrays.items():
             self._vars[k] = self.add_weight(
                 name=k,
@@ -537,7 +562,7 @@ class ConeProgram(keras.layers.Layer):
 
     def call(self, inputs):
         inputs = self._normalize(inputs)
-        keys = tuple(k for k in INPUT_NAMES if k in inputs)
+        keys = tuple(k for k in ALL_INPUT_NAMES if k in inputs)
         if keys != self._input_keys:
             raise ValueError(
                 f"ConeProgram was built with inputs {self._input_keys}. Received: {keys}"
@@ -554,7 +579,8 @@ class ConeProgram(keras.layers.Layer):
             return tf.broadcast_to(v, tf.concat([[batch], tf.shape(v)], 0))
 
         A, b = get("A"), get("b")
-        x, y, status = solve_cone_program(c, A, b, self.cone, self._solve_settings)
+        P = cast_input("P", inputs["P"], dtype, "ConeProgram") if "P" in inputs else None
+        x, y, status = solve_cone_program(c, A, b, self.cone, self._solve_settings, P)
         x, y = report_status((x, y), status, self.on_failure, "ConeProgram")
         x, y = to_compute_dtype(self, (x, y))
         out = [x]

@@ -5,8 +5,8 @@ compiles a DPP problem for a conic solver into a *parametrized* cone program who
 are linear in the stacked parameter vector p = [vec(P_1), ..., vec(P_k), 1] (each
 parameter flattened in column-major order, the trailing 1 for constants):
 
-    c(p) = C p,   [-A(p) | b(p)] = reshape(M p)   (column-major, m x (n + 1))
-    x*(p) = argmin c^T x  s.t.  A x + s = b,  s in K
+    c(p) = C p,   P(p) = reshape(Q p),   [-A(p) | b(p)] = reshape(M p)   (column-major)
+    x*(p) = argmin 1/2 x'P x + c'x  s.t.  A x + s = b,  s in K
 
 with sparse C and M. Those two sparse maps and the cone dimensions are all the layer
 keeps (and all its config stores), so a saved model loads without cvxpy. A call stacks
@@ -15,7 +15,9 @@ solves the batch with `ConeProgram`'s conic ADMM (implicit gradient, per-row sta
 `on_failure`), and slices the requested variables out of x in their cvxpy shapes.
 Gradients reach every parameter through the maps (autodiff) and the solve (implicit).
 
-Quadratic objectives are canonicalized to second-order cones (`use_quad_obj=False`).
+Quadratic objectives (sum_squares, quad_form, ...) stay quadratic: cvxpy also gives the
+map p -> P of 1/2 x'Px, and the conic solver takes P natively (COSMO's form) instead of
+an extra second-order cone per quadratic term.
 Geometric programs (`gp=True`) are solved in log-log form: parameters enter as their
 logarithms and variables come back exponentiated, as in cvxpylayers.
 """
@@ -170,7 +172,7 @@ def canonicalize(problem, parameters, variables, gp=False, duals=()) -> dict:
         kind = "DGP" if gp else "DCP"
         raise ValueError(f"The problem is not {kind} under DPP rules. {_DPP_HELP}")
     data, chain, inverse = problem.get_problem_data(
-        solver=cp.SCS, gp=gp, solver_opts={"use_quad_obj": False}
+        solver=cp.SCS, gp=gp, solver_opts={"use_quad_obj": True}
     )
     program = data[cp.settings.PARAM_PROB]
     param_map = var_map = {}
@@ -211,6 +213,7 @@ def canonicalize(problem, parameters, variables, gp=False, duals=()) -> dict:
         "n": int(program.x.size),
         "n_params": int(program.total_param_size),
         "c_map": _coo(program.q),
+        "P_map": None if program.P is None or program.P.nnz == 0 else _coo(program.P),
         "A_map": _coo(program.A),
         "parameters": param_entries,
         "variables": var_entries,
@@ -366,26 +369,36 @@ class CvxpyLayer(keras.layers.Layer):
     def build(self, input_shape=None):
         n = self.canonical["n"]
         m = self.canonical["A_map"]["shape"][0] // (n + 1)
-        self.program.build({"c": (None, n), "A": (None, m, n), "b": (None, m)})
+        shapes = {"c": (None, n), "A": (None, m, n), "b": (None, m)}
+        if self.canonical.get("P_map") is not None:
+            shapes["P"] = (None, n, n)
+        self.program.build(shapes)
 
     # ------------------------------------------------------------------ call
 
     def _program_data(self, p):
-        """c (B, n), A (B, m, n), b (B, m) from the parameter vectors p (B, P + 1)."""
+        """c (B, n), A (B, m, n), b (B, m) and P (B, n, n) or None from p (B, P + 1)."""
         n = self.canonical["n"]
         c_full = _apply_sparse(self.canonical["c_map"], p)
         stacked = _apply_sparse(self.canonical["A_map"], p)
         m = self.canonical["A_map"]["shape"][0] // (n + 1)
         # column-major (m, n + 1): entry k sits at row k % m, column k // m
         matrix = tf.transpose(tf.reshape(stacked, [-1, n + 1, m]), [0, 2, 1])
-        return c_full[:, :n], -matrix[:, :, :n], matrix[:, :, n]
+        P = None
+        if self.canonical.get("P_map") is not None:
+            # column-major n x n: entry k at row k % n, column k // n
+            P = tf.linalg.matrix_transpose(
+                tf.reshape(_apply_sparse(self.canonical["P_map"], p), [-1, n, n])
+            )
+        return c_full[:, :n], -matrix[:, :, :n], matrix[:, :, n], P
 
     def call(self, inputs):
         values = [tf.convert_to_tensor(v) for v in self._as_list(inputs)]
         dtype = tf.as_dtype(self.program.compute_dtype)
         p, any_batched = self._parameter_vector(values, dtype)
-        c, A, b = self._program_data(p)
-        x, *y, status = self.program({"c": c, "A": A, "b": b})
+        c, A, b, P = self._program_data(p)
+        data = {"c": c, "A": A, "b": b} if P is None else {"c": c, "A": A, "b": b, "P": P}
+        x, *y, status = self.program(data)
         outputs = []
         for entry in self.canonical["variables"]:
             piece = x[:, entry["offset"] : entry["offset"] + entry["size"]]

@@ -578,3 +578,51 @@ def test_infeasible_and_unbounded_rows_all_cone_types_xla():
         32,
         lambda f: tf.function(f, jit_compile=True),
     )
+
+
+def test_quadratic_objective_matches_cvxpy_with_gradients_in_P_and_c():
+    """min 1/2 x'Px + c'x over a simplex cut by a ball (zero, non-negative and SOC cones),
+    P passed as an input: rows against cvxpy, d/dP and d/dc against central differences."""
+    rng = np.random.default_rng(11)
+    n, batch = 3, 2
+    factors = rng.normal(size=(batch, n, n))
+    P = factors @ np.swapaxes(factors, 1, 2) + 0.2 * np.eye(n)
+    c = rng.normal(size=(batch, n))
+    A = np.concatenate([np.ones((1, n)), -np.eye(n), np.zeros((1, n)), -np.eye(n)])
+    b = np.concatenate([[1.0], np.zeros(n), [0.75], np.zeros(n)])
+    layer = kl.ConeProgram(
+        {"z": 1, "l": n, "q": [n + 1]}, A=A, b=b, tol=1e-11, max_iter=20000, dtype="float64"
+    )
+    weights = tf.constant(rng.normal(size=(batch, n)))
+    solve = tf.function(lambda c_, P_: layer({"c": c_, "P": P_}))
+
+    def loss(c_, P_):
+        return float(tf.reduce_sum(weights * solve(tf.constant(c_), tf.constant(P_))))
+
+    c_t, P_t = tf.constant(c), tf.constant(P)
+    with tf.GradientTape() as tape:
+        tape.watch([c_t, P_t])
+        x = solve(c_t, P_t)
+        objective = tf.reduce_sum(weights * x)
+    grad_c, grad_P = tape.gradient(objective, [c_t, P_t])
+    for row in range(batch):
+        v = cp.Variable(n)
+        reference = cp.Problem(
+            cp.Minimize(0.5 * cp.quad_form(v, P[row]) + c[row] @ v),
+            [v >= 0, cp.sum(v) == 1, cp.norm(v) <= 0.75],
+        )
+        reference.solve(solver="CLARABEL", tol_gap_abs=1e-10, tol_gap_rel=1e-10)
+        np.testing.assert_allclose(x.numpy()[row], v.value, atol=1e-6)
+    delta = 1e-6
+    for index in [(0, 0), (1, 2)]:
+        up, down = c.copy(), c.copy()
+        up[index] += delta
+        down[index] -= delta
+        expected = (loss(up, P) - loss(down, P)) / (2 * delta)
+        np.testing.assert_allclose(grad_c.numpy()[index], expected, rtol=1e-4, atol=1e-6)
+    for index in [(0, 0, 1), (1, 2, 2)]:
+        up, down = P.copy(), P.copy()
+        up[index] += delta
+        down[index] -= delta
+        expected = (loss(c, up) - loss(c, down)) / (2 * delta)
+        np.testing.assert_allclose(grad_P.numpy()[index], expected, rtol=1e-4, atol=1e-6)

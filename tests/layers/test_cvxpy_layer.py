@@ -23,12 +23,12 @@ cp = pytest.importorskip("cvxpy")
 TIGHT = {"tol": 1e-10, "max_iter": 50000, "dtype": "float64"}
 
 
-def _solve_reference(problem):
-    problem.solve(solver="CLARABEL", tol_gap_abs=1e-10, tol_gap_rel=1e-10, tol_feas=1e-10)
+def _solve_reference(problem, tol=1e-10):
+    problem.solve(solver="CLARABEL", tol_gap_abs=tol, tol_gap_rel=tol, tol_feas=tol)
     assert problem.status == "optimal", problem.status
 
 
-def _central_differences(problem, parameters, values, output, delta=1e-6):
+def _central_differences(problem, parameters, values, output, delta=1e-6, tol=1e-10):
     """d sum(output(params)) / d params, by central differences of cvxpy solves."""
     grads = []
     for index, value in enumerate(values):
@@ -40,7 +40,7 @@ def _central_differences(problem, parameters, values, output, delta=1e-6):
                 shifted[index][entry] += sign * delta
                 for param, v in zip(parameters, shifted):
                     param.value = v
-                _solve_reference(problem)
+                _solve_reference(problem, tol)
                 sides.append(output())
             grad[entry] = (sides[0] - sides[1]) / (2 * delta)
         grads.append(grad)
@@ -70,6 +70,8 @@ def test_qp_solution_and_gradients_match_cvxpy():
     G, h, x = cp.Parameter((ncon, nx)), cp.Parameter(ncon), cp.Variable(nx)
     problem = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(x - 1)), [G @ x <= h])
     layer = ki.layers.CvxpyLayer(problem, [G, h], [x], **TIGHT)
+    # the quadratic objective is kept as P, not turned into a second-order cone
+    assert layer.canonical["cone"]["q"] == [] and layer.canonical["P_map"] is not None
     G_value = rng.normal(size=(ncon, nx))
     h_value = G_value @ rng.normal(size=nx) + 0.2 * rng.uniform(size=ncon)
     out, grads = _layer_gradients(layer, [G_value, h_value])
@@ -104,6 +106,31 @@ def test_duals_match_cvxpy_for_inequality_equality_and_psd_constraints():
     assert lam.max() > 1e-3  # an inequality is active
     # KKT stationarity of the x block with our duals, to our own tolerance
     np.testing.assert_allclose(2 * (x_opt - 2) + G.value.T @ lam + nu, 0.0, atol=1e-7)
+
+
+def test_quad_form_with_second_order_cone_matches_cvxpy_and_finite_differences():
+    """A quadratic objective (native P) together with an SOC constraint."""
+    rng = np.random.default_rng(6)
+    n = 4
+    M = rng.normal(size=(n, n))
+    Q = M @ M.T + 0.5 * np.eye(n)
+    c, radius, x = cp.Parameter(n), cp.Parameter(nonneg=True), cp.Variable(n)
+    problem = cp.Problem(
+        cp.Minimize(0.5 * cp.quad_form(x, Q) + c @ x), [cp.norm(x) <= radius, cp.sum(x) == 0.5]
+    )
+    layer = ki.layers.CvxpyLayer(problem, [c, radius], [x], **TIGHT)
+    assert layer.canonical["cone"]["q"] == [n + 1]  # only the constraint's cone
+    values = [3 * rng.normal(size=n), np.array(0.7)]
+    out, grads = _layer_gradients(layer, values)
+    c.value, radius.value = values
+    _solve_reference(problem, tol=1e-9)  # Clarabel's limit on this problem
+    assert abs(np.linalg.norm(x.value) - 0.7) < 1e-6  # the cone constraint is active
+    np.testing.assert_allclose(out, x.value, atol=1e-6)
+    reference = _central_differences(
+        problem, [c, radius], values, lambda: x.value.sum(), delta=1e-4, tol=1e-9
+    )
+    for ours, theirs in zip(grads, reference):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
 
 
 def test_l1_least_squares_lp_batched_rows_match_cvxpy():
