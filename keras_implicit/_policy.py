@@ -78,14 +78,25 @@ def _xla_notice(what: str, on_failure: str, hint: str | None = None) -> None:
 
 
 # Solvers iterating in a floating dtype cannot push relative residuals much below its
-# roundoff: a tolerance under TOL_FLOOR_ULPS machine epsilons is raised to that floor
-# (float32: 1.19e-5, float64: 2.2e-14) instead of ending every row at max_iter.
+# roundoff: a tolerance under the floor is raised to it instead of ending every row at
+# max_iter. Convex-program ADMM (QP, cone programs) accumulates roundoff over its
+# splitting and certificates: TOL_FLOOR_ULPS machine epsilons (float32: 1.19e-5,
+# float64: 2.2e-14). A fixed point, root or argmin residual is relative to the iterate
+# and bounded below by about one epsilon of fn's dtype: RESIDUAL_FLOOR_ULPS.
 TOL_FLOOR_ULPS = 100
+RESIDUAL_FLOOR_ULPS = 2
+_HALF_EPS = {tf.float16: 2.0**-10, tf.bfloat16: 2.0**-7}
+
+
+def machine_eps(dtype) -> float:
+    """Machine epsilon of a floating dtype, half precision (bfloat16 too) included."""
+    dtype = tf.as_dtype(dtype)
+    return _HALF_EPS.get(dtype) or float(np.finfo(dtype.as_numpy_dtype).eps)
 
 
 def tol_floor(dtype, ulps: float = TOL_FLOOR_ULPS) -> float:
     """The smallest tolerance a solve in `dtype` is asked for: `ulps` machine epsilons."""
-    return float(ulps * np.finfo(tf.as_dtype(dtype).as_numpy_dtype).eps)
+    return float(ulps * machine_eps(dtype))
 
 
 def floored_tols(tols: dict, dtype, *, what: str, ulps: float = TOL_FLOOR_ULPS) -> dict:

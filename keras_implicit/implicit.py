@@ -18,7 +18,6 @@ import contextlib
 import functools
 import warnings
 
-import numpy as np
 import tensorflow as tf
 
 from keras_implicit import _policy, _validation, linalg, solvers
@@ -45,15 +44,7 @@ def _to_tensor(value, dtype):
     return tf.convert_to_tensor(value)
 
 
-_HALF_EPS = {tf.float16: 2.0**-10, tf.bfloat16: 2.0**-7}  # machine epsilons
-# Residuals are relative (see `ki.solvers`): roundoff in fn's own dtype bounds them
-# below by about one machine epsilon, so tolerances are floored at two.
-_TOL_FLOOR_EPS = 2.0
 _floor_warned = set()
-
-
-def _machine_eps(dtype: tf.DType) -> float:
-    return _HALF_EPS.get(dtype) or float(np.finfo(dtype.as_numpy_dtype).eps)
 
 
 def _warn_floor(what: str, name: str, tol: float, floor: float, dtype: tf.DType) -> None:
@@ -64,7 +55,7 @@ def _warn_floor(what: str, name: str, tol: float, floor: float, dtype: tf.DType)
     _floor_warned.add(key)
     warnings.warn(
         f"{what}: {name}={tol:.3g} is below what a solve in {dtype.name} can reach "
-        f"({_TOL_FLOOR_EPS:g} machine epsilons); using {name}={floor:.3g}. "
+        f"({_policy.RESIDUAL_FLOOR_ULPS:g} machine epsilons); using {name}={floor:.3g}. "
         f"Received: {name}={tol!r}",
         ConvergenceWarning,
         stacklevel=_policy.user_stacklevel(),
@@ -84,7 +75,7 @@ class _Problem:
         self.packer = Packer(cast, batch_dims, what=label)
         # fn computes in its own precision, so residuals cannot drop much below its
         # roundoff: tolerances are floored there instead of never being met
-        self.tol_floor = _TOL_FLOOR_EPS * _machine_eps(self.original_dtype)
+        self.tol_floor = _policy.tol_floor(self.original_dtype, _policy.RESIDUAL_FLOOR_ULPS)
 
     def to_user(self, y):
         """y in the dtype fn was written for (the solver's state may be wider)."""

@@ -39,9 +39,6 @@ from keras_implicit.implicit import fixed_point
 __all__ = ["DEQ"]
 
 _BACKWARD = ("implicit", "phantom")
-# the core's floor for fixed-point tolerances: relative residuals of a map computed in
-# a dtype cannot drop much below its machine epsilon
-_TOL_FLOOR_ULPS = 2
 
 
 def _optional(check, name, value):
@@ -234,7 +231,7 @@ class DEQ(keras.layers.Layer):
         tols = {"tol": self.solver.tol, "backward_tol": self.linear_solver.tol}
         if self.inference_tol is not None:
             tols["inference_tol"] = self.inference_tol
-        tols = _policy.floored_tols(tols, dtype, what=what, ulps=_TOL_FLOOR_ULPS)
+        tols = _policy.floored_tols(tols, dtype, what=what, ulps=_policy.RESIDUAL_FLOOR_ULPS)
         self._run_solver = self.solver
         if tols["tol"] != self.solver.tol:
             self._run_solver = self.solver.with_options(tol=tols["tol"])
