@@ -82,6 +82,21 @@ def test_api_reference_builds_strictly_and_covers_every_public_name(tmp_path):
         assert not missing, (page, missing)
 
 
+def test_robustness_table_names_tests_that_exist():
+    """Every row of docs/robustness.md names a test function that exists in that file."""
+    import re
+
+    table = (ROOT / "docs" / "robustness.md").read_text()
+    references = re.findall(r"`(tests/[\w/]+\.py)::(\w+)`", table)
+    assert len(references) >= 40
+    missing = [
+        f"{path}::{name}"
+        for path, name in references
+        if not re.search(rf"^def {name}\(", (ROOT / path).read_text(), re.MULTILINE)
+    ]
+    assert not missing
+
+
 def test_public_api_contract():
     import keras_implicit as ki
 
