@@ -218,6 +218,20 @@ def test_sdp_with_symmetric_variable_matches_cvxpy():
     np.testing.assert_allclose(grads[0], reference[0], atol=2e-4)
 
 
+def test_psd_attribute_variable_comes_back_whole_and_psd():
+    C = cp.Parameter((2, 2))
+    X = cp.Variable((2, 2), PSD=True)
+    problem = cp.Problem(cp.Minimize(cp.trace(C @ X) + cp.sum_squares(X)), [cp.trace(X) == 1])
+    layer = ki.layers.CvxpyLayer(problem, [C], [X], **TIGHT)
+    values = np.array([[[1.0, 2.0], [2.0, -1.0]], [[0.5, 0.0], [0.0, 0.2]]])
+    out = tf.function(layer)(tf.constant(values)).numpy()
+    for row in range(2):
+        C.value = values[row]
+        _solve_reference(problem)
+        np.testing.assert_allclose(out[row], X.value, atol=1e-6)
+        assert np.linalg.eigvalsh(out[row]).min() >= -1e-8
+
+
 def test_geometric_program_matches_cvxpy_and_log_space_reference():
     x, y, z = (cp.Variable(pos=True) for _ in range(3))
     a, b, c = cp.Parameter(pos=True), cp.Parameter(pos=True), cp.Parameter()
