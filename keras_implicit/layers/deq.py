@@ -123,8 +123,9 @@ class DEQ(keras.layers.Layer):
         backward_ridge: solve (I - J^T + ridge I) u = g instead (default: the linear
             solver's own, 0 unless set: the exact implicit gradient). A ridge caps the
             gradient's amplification 1 / (1 - lambda) along an eigenvalue lambda of J
-            near 1, which otherwise pulls training towards the singular point (seen with
-            global-pooling heads); the gradient is then biased.
+            near 1, which can pull training towards the singular point with cells that
+            are not contractions by construction (`ConvCell` is); the gradient is then
+            biased.
         phantom_steps, phantom_damping: the phantom backward (k steps, damping in (0, 1]).
         initial_state: "zeros" (default) or a callable `x -> z0` (e.g. a registered
             function or a Keras layer); z0 gets no gradient.
