@@ -11,6 +11,7 @@ import warnings
 import numpy as np
 import pytest
 import tensorflow as tf
+from test_core_gradients import central_difference
 
 import keras_implicit as ki
 
@@ -49,19 +50,10 @@ _KIND = {
 }
 
 
-def _central_difference(fun, x, eps=1e-6):
-    grad = np.zeros_like(x)
-    for index in np.ndindex(x.shape):
-        step = np.zeros_like(x)
-        step[index] = eps
-        grad[index] = (fun(x + step) - fun(x - step)) / (2 * eps)
-    return grad
-
-
 def _reference(kind, x, w, cotangent):
     y = _numpy_solution(kind, x, w)
-    gx = _central_difference(lambda x_: np.sum(_numpy_solution(kind, x_, w) * cotangent), x)
-    gw = _central_difference(lambda w_: np.sum(_numpy_solution(kind, x, w_) * cotangent), w)
+    gx = central_difference(lambda x_: np.sum(_numpy_solution(kind, x_, w) * cotangent), x)
+    gw = central_difference(lambda w_: np.sum(_numpy_solution(kind, x, w_) * cotangent), w)
     return y, gx, gw
 
 
