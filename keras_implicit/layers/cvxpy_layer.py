@@ -8,9 +8,9 @@ parameter flattened in column-major order, the trailing 1 for constants):
     c(p) = C p,   P(p) = reshape(Q p),   [-A(p) | b(p)] = reshape(M p)   (column-major)
     x*(p) = argmin 1/2 x'P x + c'x  s.t.  A x + s = b,  s in K
 
-with sparse C and M. Those two sparse maps and the cone dimensions are all the layer
+with sparse C, Q and M. Those sparse maps and the cone dimensions are all the layer
 keeps (and all its config stores), so a saved model loads without cvxpy. A call stacks
-the parameter tensors, applies the maps with sparse-dense products in TensorFlow,
+the parameter tensors, applies the maps in TensorFlow (gathers and segment sums),
 solves the batch with `ConeProgram`'s conic ADMM (implicit gradient, per-row status,
 `on_failure`), and slices the requested variables out of x in their cvxpy shapes.
 Gradients reach every parameter through the maps (autodiff) and the solve (implicit).
@@ -30,6 +30,7 @@ import scipy.sparse
 import tensorflow as tf
 
 from keras_implicit.layers.cone_program import ConeProgram
+from keras_implicit.layers.qp import solve_dtype
 
 __all__ = ["CvxpyLayer", "canonicalize"]
 
@@ -255,23 +256,24 @@ def _unflatten_column_major(t: tf.Tensor, shape) -> tf.Tensor:
 class CvxpyLayer(keras.layers.Layer):
     """A DPP cvxpy problem as a layer: parameter tensors in, optimal variables out.
 
-        Args:
-          problem: a `cvxpy.Problem` that is DPP (DGP with `gp=True`).
-          parameters: the problem's `cvxpy.Parameter`s, in the order `call` receives them.
-          variables: the `cvxpy.Variable`s to return, in that order.
-          gp: solve a log-log convex (geometric) program.
-          duals: constraints of the problem whose optimal dual values to return too (after
-            the variables, in cvxpy's shapes and sign conventions).
-          return_status: also return the int32 per-row status (0 solved; the codes of
-            `ConeProgram.STATUS_NAMES`).
-          **solver_settings: passed to the conic solver (`ConeProgram`): tol, max_iter,
-            rho, sigma, alpha, check_interval, backward_tol, backward_max_iter,
-            on_failure (where supported).
+    Args:
+      problem: a `cvxpy.Problem` that is DPP (DGP with `gp=True`).
+      parameters: the problem's `cvxpy.Parameter`s, in the order `call` receives them.
+      variables: the `cvxpy.Variable`s to return, in that order.
+      gp: solve a log-log convex (geometric) program.
+      duals: constraints of the problem whose optimal dual values to return too (after
+        the variables, in cvxpy's shapes and sign conventions).
+      return_status: also return the int32 per-row status (0 solved; the codes of
+        `ConeProgram.STATUS_NAMES`).
+      canonical: the canonical form `canonicalize` returns (what `get_config` stores);
+        given instead of a problem, it rebuilds the layer without cvxpy.
+      **solver_settings: passed to the conic solver (`ConeProgram`): tol, max_iter,
+        rho, sigma, alpha, check_interval, backward_tol, backward_max_iter, on_failure.
 
-        Call: the parameter values as a list (or one tensor for one parameter), each of the
-        parameter's shape or with one leading batch axis; batched and unbatched values mix
-        (the unbatched ones are shared by the batch). Returns the variables (a list, or
-        one tensor for one variable), then the requested duals, then the status if asked, each
+    Call: the parameter values as a list (or one tensor for one parameter), each of the
+    parameter's shape or with one leading batch axis; batched and unbatched values mix
+    (the unbatched ones are shared by the batch). Returns the variables (a list, or one
+    tensor for one variable), then the requested duals, then the status if asked, each
     with a leading batch axis when any input had one.
     """
 
@@ -394,7 +396,7 @@ class CvxpyLayer(keras.layers.Layer):
 
     def call(self, inputs):
         values = [tf.convert_to_tensor(v) for v in self._as_list(inputs)]
-        dtype = tf.as_dtype(self.program.compute_dtype)
+        dtype = solve_dtype(self)  # float32 under a mixed policy: the maps are data too
         p, any_batched = self._parameter_vector(values, dtype)
         c, A, b, P = self._program_data(p)
         data = {"c": c, "A": A, "b": b} if P is None else {"c": c, "A": A, "b": b, "P": P}
