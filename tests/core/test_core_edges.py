@@ -20,6 +20,17 @@ ENTRY_POINTS = ("fixed_point", "root", "argmin", "custom_fixed_point", "custom_r
 TIGHT = {"tol": 1e-11, "backward_tol": 1e-12}
 
 
+def _iterated_solver(step, iterations):
+    """A user's solver for custom_fixed_point / custom_root: `iterations` steps of `step`."""
+
+    def solver(y0, x, w):
+        return tf.while_loop(
+            lambda i, y: i < iterations, lambda i, y: (i + 1, step(y, x, w)), (0, y0)
+        )[1]
+
+    return solver
+
+
 def _weights():
     rng = np.random.default_rng(0)
     w = rng.normal(size=(DIM, DIM))
@@ -84,19 +95,11 @@ def _solve(entry_point, x, w, batch_dims):
 
         return ki.argmin(objective, y0, x, w, max_iter=200, **settings)
 
-    def iterate(step):
-        def solver(y0, x, w):
-            return tf.while_loop(
-                lambda i, y: i < 200, lambda i, y: (i + 1, step(y, x, w)), (0, y0)
-            )[1]
-
-        return solver
-
     if entry_point == "custom_fixed_point":
-        solver = ki.custom_fixed_point(tanh_map, **settings)(iterate(tanh_map))
+        solver = ki.custom_fixed_point(tanh_map, **settings)(_iterated_solver(tanh_map, 200))
     else:
         solver = ki.custom_root(stationarity, **settings)(
-            iterate(lambda y, x, w: y - stationarity(y, x, w))
+            _iterated_solver(lambda y, x, w: y - stationarity(y, x, w), 200)
         )
     return solver(y0, x, w)
 
@@ -296,18 +299,12 @@ def _solve_rows(entry_point, x, w, broken, **options):
     if entry_point == "argmin":
         return ki.argmin(objective, y0, x, w, max_iter=100, **settings)
 
-    def iterate(step):
-        def solver(y0, x, w):
-            return tf.while_loop(
-                lambda i, y: i < 100, lambda i, y: (i + 1, step(y, x, w)), (0, y0)
-            )[1]
-
-        return solver
-
     if entry_point == "custom_fixed_point":
-        return ki.custom_fixed_point(tanh_map, **settings)(iterate(tanh_map))(y0, x, w)
+        return ki.custom_fixed_point(tanh_map, **settings)(_iterated_solver(tanh_map, 100))(
+            y0, x, w
+        )
     step = lambda y, x, w: y - stationarity(y, x, w)  # noqa: E731
-    return ki.custom_root(stationarity, **settings)(iterate(step))(y0, x, w)
+    return ki.custom_root(stationarity, **settings)(_iterated_solver(step, 100))(y0, x, w)
 
 
 def _rows_and_grads(entry_point, x, w, broken, cotangent, **options):
