@@ -43,3 +43,10 @@ def one_of(name: str, value, options) -> str:
     if value not in options:
         raise ValueError(f"`{name}` must be one of {sorted(options)}. Received: {name}={value!r}")
     return value
+
+
+def float_in_open_range(name: str, value, low: float, high: float) -> float:
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and low < value < high
+    if not ok:
+        raise ValueError(f"`{name}` must be in ({low}, {high}). Received: {name}={value!r}")
+    return float(value)
