@@ -50,3 +50,19 @@ def float_in_open_range(name: str, value, low: float, high: float) -> float:
     if not ok:
         raise ValueError(f"`{name}` must be in ({low}, {high}). Received: {name}={value!r}")
     return float(value)
+
+
+def positive_finite_float(name: str, value) -> float:
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not (ok and 0 < value < float("inf")):
+        raise ValueError(f"`{name}` must be a positive finite number. Received: {name}={value!r}")
+    return float(value)
+
+
+def finite_float_above(name: str, value, low: float) -> float:
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not (ok and low < value < float("inf")):
+        raise ValueError(
+            f"`{name}` must be a finite number above {low}. Received: {name}={value!r}"
+        )
+    return float(value)
