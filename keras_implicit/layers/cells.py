@@ -25,26 +25,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_implicit import _validation
+
 __all__ = ["ConvCell", "DenseCell", "MonotoneDenseCell"]
-
-
-def _positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
-    return int(value)
-
-
-def _float_in(name, value, low, high):
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and low < value < high
-    if not ok:
-        raise ValueError(f"`{name}` must be in ({low}, {high}). Received: {name}={value!r}")
-    return float(value)
-
-
-def _one_of(name, value, options):
-    if value not in options:
-        raise ValueError(f"`{name}` must be one of {list(options)}. Received: {name}={value!r}")
-    return value
 
 
 class _Cell(keras.layers.Layer):
@@ -77,6 +60,10 @@ class _Cell(keras.layers.Layer):
             )
 
 
+def _unit(v, axis=None):
+    return v / tf.maximum(tf.norm(v, axis=axis, keepdims=axis is not None), 1e-12)
+
+
 @keras.saving.register_keras_serializable(package="keras_implicit")
 class DenseCell(_Cell):
     """Weight-tied MLP cell with input injection and normalization (for vectors).
@@ -87,8 +74,12 @@ class DenseCell(_Cell):
     The normalizations keep the map's scale fixed, and z enters only through the
     small-initialized two-layer path (`kernel_scale`), so the map starts as a
     contraction dominated by the injection x U, and Anderson converges in a few tens
-    of iterations. (Unlike `ConvCell` there is no z skip connection: with it, the
-    map's Jacobian is close to a scaled identity and training pushed it past 1.)
+    of iterations. There is no z skip connection: it makes the map's Jacobian close to
+    a scaled identity, whose eigenvalues training can push past 1.
+
+    Everything that does not depend on z is computed once per forward solve in
+    `inject` and reused by every solver iteration and by the backward pass: the
+    injection x U, the normalized kernels (`kernel_norm`) and the dropout mask.
 
     Args:
         units: width of the state z.
@@ -96,6 +87,17 @@ class DenseCell(_Cell):
         activation: Keras activation name or callable.
         normalization: "layer" (LayerNormalization, default) or "none".
         kernel_scale: standard deviation (times 1/sqrt(fan_in)) of the initial W1, W2.
+        kernel_norm: None (default), "weight" or "spectral": reparametrize W1 and W2
+            as g * V / ||V|| (per output unit, with a trainable g initialized to the
+            initial norms: weight normalization) or as W / sigma(W) (spectral
+            normalization, sigma estimated by power iteration).
+        power_iterations: power iterations per training call (spectral norm). The
+            vectors are non-trainable weights updated once per training forward pass;
+            inference uses them as they are.
+        dropout: rate of variational dropout on h: one mask per sample and solve,
+            drawn in `inject` (training only), so every iteration and the backward
+            pass see the same mask (scaled by 1 / (1 - rate)). 0 disables it.
+        seed: seed of the dropout masks.
     """
 
     def __init__(
@@ -105,16 +107,30 @@ class DenseCell(_Cell):
         activation="relu",
         normalization="layer",
         kernel_scale=0.5,
+        kernel_norm=None,
+        power_iterations=1,
+        dropout=0.0,
+        seed=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.units = _positive_int("units", units)
-        self.hidden_units = _positive_int(
+        self.units = _validation.positive_int("units", units)
+        self.hidden_units = _validation.positive_int(
             "hidden_units", self.units if hidden_units is None else hidden_units
         )
         self.activation = keras.activations.get(activation)
-        self.normalization = _one_of("normalization", normalization, ("layer", "none"))
-        self.kernel_scale = _float_in("kernel_scale", kernel_scale, 0.0, 10.0)
+        self.normalization = _validation.one_of("normalization", normalization, ("layer", "none"))
+        self.kernel_scale = _validation.float_in_open_range("kernel_scale", kernel_scale, 0.0, 10.0)
+        if kernel_norm is not None:
+            _validation.one_of("kernel_norm", kernel_norm, ("weight", "spectral"))
+        self.kernel_norm = kernel_norm
+        self.power_iterations = _validation.positive_int("power_iterations", power_iterations)
+        self.dropout = _validation.float_in_range("dropout", dropout, 0.0, 1.0)
+        if self.dropout == 1.0:
+            raise ValueError(f"`dropout` must be in [0, 1). Received: dropout={dropout!r}")
+        self.seed = seed
+        if self.dropout:
+            self.seed_generator = keras.random.SeedGenerator(seed, name="dropout_seed")
         init = keras.initializers.VarianceScaling(self.kernel_scale**2, "fan_in", "normal")
         self.hidden = keras.layers.Dense(
             self.hidden_units, kernel_initializer=init, name="hidden", dtype=self.dtype_policy
@@ -151,18 +167,89 @@ class DenseCell(_Cell):
         if self.norm_in is not None:
             self.norm_in.build(z_shape)
             self.norm_out.build(z_shape)
+        self._norm_weights = []
+        for layer in (self.hidden, self.recurrent):
+            if self.kernel_norm is not None:
+                self._norm_weights.append(self._add_norm_weight(layer))
 
-    def inject(self, x):
-        return self.injection(x)
+    def _add_norm_weight(self, layer):
+        """g (weight norm, initialized to the kernel's column norms) or the power vector u."""
+        kernel = tf.convert_to_tensor(layer.kernel)
+        if self.kernel_norm == "weight":
+            norms = tf.norm(kernel, axis=0)
+            return self.add_weight(
+                shape=(kernel.shape[1],),
+                initializer=lambda shape, dtype=None: tf.cast(norms, dtype or "float32"),
+                name=f"{layer.name}_g",
+                autocast=False,
+            )
+        return self.add_weight(
+            shape=(kernel.shape[1],),
+            initializer=lambda shape, dtype=None: _unit(tf.random.normal(shape, dtype=dtype)),
+            name=f"{layer.name}_u",
+            trainable=False,
+            autocast=False,
+        )
+
+    def normalized_kernels(self, training=None):
+        """(W1, W2) after `kernel_norm`, in the variable dtype; with the spectral norm
+        in training, the power vectors are advanced `power_iterations` steps (assigned)."""
+        kernels = []
+        for layer, weight in zip((self.hidden, self.recurrent), self._norm_weights):
+            kernel = tf.cast(tf.convert_to_tensor(layer.kernel), weight.dtype)
+            if self.kernel_norm == "weight":
+                kernels.append(tf.convert_to_tensor(weight) * _unit(kernel, axis=0))
+                continue
+            frozen = tf.stop_gradient(kernel)
+            u = tf.convert_to_tensor(weight)
+            if training:
+                for _ in range(self.power_iterations):
+                    u = _unit(tf.linalg.matvec(frozen, _unit(tf.linalg.matvec(frozen, u)), True))
+                weight.assign(u)
+            v = _unit(tf.linalg.matvec(frozen, u))
+            sigma = tf.tensordot(v, tf.linalg.matvec(kernel, u), 1)
+            kernels.append(kernel / sigma)
+        return kernels
+
+    def _dropout_mask(self, like):
+        keep = 1.0 - self.dropout
+        shape = tf.stack([tf.shape(like)[0], self.hidden_units])
+        draw = keras.random.uniform(shape, dtype=like.dtype, seed=self.seed_generator)
+        return tf.cast(draw < keep, like.dtype) / tf.cast(keep, like.dtype)
+
+    def inject(self, x, training=None):
+        u = self.injection(x)
+        drop = bool(self.dropout) and bool(training)
+        if self.kernel_norm is None and not drop:
+            return u
+        if self.kernel_norm is None:
+            kernels = [
+                tf.convert_to_tensor(self.hidden.kernel),
+                tf.convert_to_tensor(self.recurrent.kernel),
+            ]
+        else:
+            kernels = self.normalized_kernels(training)
+        mask = self._dropout_mask(u) if drop else tf.ones([], u.dtype)
+        return (u, *kernels, mask)
 
     def step(self, z, context):
         with tf.name_scope("dense_cell"):
-            h = self.activation(self.hidden(z))
-            pre = self.recurrent(h) + context
+            if isinstance(context, (tuple, list)):
+                u, kernel1, kernel2, mask = context
+                z = tf.cast(z, u.dtype)
+                bias = tf.cast(self.hidden.bias, u.dtype)
+                h = self.activation(tf.matmul(z, tf.cast(kernel1, u.dtype)) + bias) * mask
+                pre = tf.matmul(h, tf.cast(kernel2, u.dtype)) + u
+            else:
+                h = self.activation(self.hidden(z))
+                pre = self.recurrent(h) + context
             if self.norm_in is not None:
                 pre = self.norm_in(pre)
             out = self.activation(pre)
             return self.norm_out(out) if self.norm_out is not None else out
+
+    def call(self, z, x, training=None):
+        return self.step(z, self.inject(x, training=training))
 
     def get_config(self):
         return {
@@ -172,6 +259,10 @@ class DenseCell(_Cell):
             "activation": keras.activations.serialize(self.activation),
             "normalization": self.normalization,
             "kernel_scale": self.kernel_scale,
+            "kernel_norm": self.kernel_norm,
+            "power_iterations": self.power_iterations,
+            "dropout": self.dropout,
+            "seed": self.seed,
         }
 
 
@@ -268,25 +359,25 @@ class ConvCell(_Cell):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.filters = _positive_int("filters", filters)
-        self.hidden_filters = _positive_int(
+        self.filters = _validation.positive_int("filters", filters)
+        self.hidden_filters = _validation.positive_int(
             "hidden_filters", self.filters if hidden_filters is None else hidden_filters
         )
-        self.kernel_size = _positive_int("kernel_size", kernel_size)
+        self.kernel_size = _validation.positive_int("kernel_size", kernel_size)
         if self.kernel_size % 2 == 0:
             raise ValueError(f"`kernel_size` must be odd. Received: kernel_size={kernel_size!r}")
         if groups is None:
             common = math.gcd(self.filters, self.hidden_filters)
             groups = max(g for g in range(1, 5) if common % g == 0)
-        self.groups = _positive_int("groups", groups)
+        self.groups = _validation.positive_int("groups", groups)
         if self.filters % self.groups:
             raise ValueError(
                 f"`groups` must divide `filters`. Received: groups={groups!r}, "
                 f"filters={self.filters!r}"
             )
         self.activation = keras.activations.get(activation)
-        self.kernel_scale = _float_in("kernel_scale", kernel_scale, 0.0, 10.0)
-        self.lipschitz = _float_in("lipschitz", lipschitz, 0.0, 1.0)
+        self.kernel_scale = _validation.float_in_open_range("kernel_scale", kernel_scale, 0.0, 10.0)
+        self.lipschitz = _validation.float_in_open_range("lipschitz", lipschitz, 0.0, 1.0)
         ok = isinstance(skip, numbers.Real) and not isinstance(skip, bool)
         if not (ok and 0.0 <= skip < self.lipschitz):
             raise ValueError(
@@ -425,9 +516,13 @@ class MonotoneDenseCell(_Cell):
 
     def __init__(self, units, monotonicity=0.1, alpha=None, **kwargs):
         super().__init__(**kwargs)
-        self.units = _positive_int("units", units)
-        self.monotonicity = _float_in("monotonicity", monotonicity, 0.0, 1.0)
-        self.alpha = None if alpha is None else _float_in("alpha", alpha, 0.0, float("inf"))
+        self.units = _validation.positive_int("units", units)
+        self.monotonicity = _validation.float_in_open_range("monotonicity", monotonicity, 0.0, 1.0)
+        self.alpha = (
+            None
+            if alpha is None
+            else _validation.float_in_open_range("alpha", alpha, 0.0, float("inf"))
+        )
         self.injection = keras.layers.Dense(self.units, name="injection", dtype=self.dtype_policy)
 
     def state_shape(self, input_shape):

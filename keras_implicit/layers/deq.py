@@ -28,6 +28,7 @@ asked for).
 
 from __future__ import annotations
 
+import inspect
 import numbers
 
 import keras
@@ -128,7 +129,22 @@ class DEQ(keras.layers.Layer):
             biased.
         phantom_steps, phantom_damping: the phantom backward (k steps, damping in (0, 1]).
         initial_state: "zeros" (default) or a callable `x -> z0` (e.g. a registered
-            function or a Keras layer); z0 gets no gradient.
+            function or a Keras layer); z0 gets no gradient. A state tensor passed to
+            the call (`deq(x, initial_state=z_prev)`, e.g. the previous step's fixed
+            point from `return_state=True`) overrides it: a warm start.
+        correction_states: k >= 1. With k > 1 the call returns a list of k outputs
+            sampled uniformly along the forward solve (after max_iter / k, 2 max_iter /
+            k, ..., max_iter iterations, as torchdeq's `n_states`; a solve that
+            converges earlier repeats its fixed point), the last one being the fixed
+            point with the `backward` gradient and the others with the phantom gradient
+            (`phantom_steps` damped steps from the sampled state, whose value they
+            return in training). A loss on each output (e.g. a shared head and
+            `loss_weights` in `compile`) is the fixed-point correction of Bai et al.
+            (2022). The solve is run in k segments, each resuming from the previous
+            state (exact for fixed-point iteration; Anderson restarts its history).
+        return_state: also return the solver state z* (before the cell's `readout`),
+            as the last element of a list: `[output(s)..., state]`, to warm-start the
+            next call.
         jacobian_weight: weight of the Jacobian regularizer, a Hutchinson estimate of
             ||d cell / dz||_F^2 / dim(z) at z* (Bai et al. 2021), added with `add_loss`
             during training. 0 disables it.
@@ -162,6 +178,8 @@ class DEQ(keras.layers.Layer):
         jacobian_power_steps=0,
         on_failure="warn",
         track_stats=True,
+        correction_states=1,
+        return_state=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -200,6 +218,8 @@ class DEQ(keras.layers.Layer):
         )
         self.on_failure = _validation.one_of("on_failure", on_failure, ("warn", "raise", "ignore"))
         self.track_stats = bool(track_stats)
+        self.correction_states = _validation.positive_int("correction_states", correction_states)
+        self.return_state = bool(return_state)
         self._stats = {}
         if self.track_stats:
             kinds = ["forward_iterations", "forward_residual", "forward_converged"]
@@ -265,22 +285,43 @@ class DEQ(keras.layers.Layer):
             )
 
     def compute_output_shape(self, input_shape):
-        return (input_shape[0], *self._z_shape(tuple(input_shape)))
+        input_shape = tuple(input_shape)
+        z_shape = (input_shape[0], *self._z_shape(input_shape))
+        if self.correction_states == 1 and not self.return_state:
+            return z_shape
+        shapes = [z_shape] * self.correction_states
+        return [*shapes, z_shape] if self.return_state else shapes
 
     # ------------------------------------------------------------------ the map
 
-    def _map(self):
-        """(inject, step, readout): the cell's protocol, or its plain call on (z, x)."""
+    def _map(self, training):
+        """(inject, step, readout): the cell's protocol, or its plain call on (z, x).
+
+        An `inject` that takes `training` gets it (dropout masks, power iterations).
+        """
         cell = self.cell
         readout = getattr(cell, "readout", None) or (lambda z: z)
         if hasattr(cell, "inject") and hasattr(cell, "step"):
-            return cell.inject, cell.step, readout
+            inject = cell.inject
+            if "training" in inspect.signature(inject).parameters:
+                return (lambda x: inject(x, training=training)), cell.step, readout
+            return inject, cell.step, readout
         return (lambda x: x), (lambda z, x: cell(z, x)), readout
 
-    def _initial(self, x, z_shape):
-        if self.initial_state == "zeros":
+    def _initial(self, x, z_shape, initial_state):
+        if initial_state is not None:
+            z0 = tf.cast(tf.convert_to_tensor(initial_state), x.dtype)
+            expected = (x.shape[0], *z_shape)
+            if not z0.shape.is_compatible_with(expected):
+                raise ValueError(
+                    f"`initial_state` must have the state's shape (batch, *{tuple(z_shape)}). "
+                    f"Received: initial_state shape {tuple(z0.shape)}"
+                )
+        elif self.initial_state == "zeros":
             return tf.zeros(_dynamic_state_shape(x, z_shape), x.dtype)
-        z0 = tf.stop_gradient(tf.convert_to_tensor(self.initial_state(x)))
+        else:
+            z0 = tf.convert_to_tensor(self.initial_state(x))
+        z0 = tf.stop_gradient(z0)
         return tf.where(tf.math.is_finite(z0), z0, tf.zeros_like(z0))
 
     def _record(self, kind, value):
@@ -297,7 +338,7 @@ class DEQ(keras.layers.Layer):
 
     # ------------------------------------------------------------------ call
 
-    def call(self, x, training=None):
+    def call(self, x, training=None, initial_state=None):
         x = tf.convert_to_tensor(x)
         if x.dtype.is_integer or x.dtype == tf.bool:
             x = tf.cast(x, self.compute_dtype)
@@ -307,7 +348,9 @@ class DEQ(keras.layers.Layer):
                 f"Received dtype: {x.dtype.name}"
             )
         z_shape = self._z_shape(tuple(x.shape))
-        inject, step, readout = self._map()
+        inject, step, readout = self._map(training)
+        if not hasattr(self, "_run_solver"):
+            self._floor_tolerances()
         with tf.name_scope("deq"):
             ok_in = _finite_rows(x)
             # Bad samples are solved from clean (zero) inputs but start from a NaN state,
@@ -315,45 +358,78 @@ class DEQ(keras.layers.Layer):
             # frozen, and given a zero gradient ...
             context = inject(_where_rows(ok_in, x, tf.zeros_like(x)))
             nan = tf.constant(float("nan"), x.dtype)
-            z0 = self._initial(x, z_shape)
+            z0 = self._initial(x, z_shape, initial_state)
             z0 = _where_rows(ok_in, z0, tf.fill(tf.shape(z0), nan))
-            inference = not training
-            max_iter = self.inference_max_iter if inference else None
-            if not hasattr(self, "_run_solver"):
-                self._floor_tolerances()
-            tol = self._run_inference_tol if inference else None
-            implicit = self.backward == "implicit"
-            z, stats = fixed_point(
-                step,
-                z0,
-                context if implicit else tf.nest.map_structure(tf.stop_gradient, context),
-                solver=self._run_solver,
-                linear_solver=self._run_linear_solver,
-                tol=tol,
-                max_iter=max_iter,
-                batch_dims=1,
-                on_failure=self.on_failure,
-                return_stats=True,
-                backward_callback=self._backward_callback if (implicit and training) else None,
-            )
-            self._record("forward_iterations", stats.iterations)
-            self._record(
-                "forward_residual",
-                tf.where(tf.math.is_finite(stats.residual), stats.residual, 0.0),
-            )
-            self._record("forward_converged", stats.converged)
-            # ... and their output rows are zeroed, so they cannot reach the loss as NaN
-            # (tf.where passes a zero gradient to the unselected branch). Under "raise"
-            # the core's NaN rows for non-converged samples are what the user asked for.
-            ok = ok_in if self.on_failure == "raise" else ok_in & _finite_rows(z)
-            z_safe = _where_rows(ok, z, tf.zeros_like(z))
-            if not implicit and training:
-                z_safe = self._phantom(step, tf.stop_gradient(z_safe), context, ok)
+            states, ok = self._solve(step, z0, context, ok_in, training)
             if training and self.jacobian_weight > 0:
-                self.add_loss(self.jacobian_weight * self._jacobian_penalty(step, z_safe, context))
-            out = readout(z_safe)
-            # a readout with an offset (ConvCell's normalization) maps zero rows elsewhere
-            return out if self.on_failure == "raise" else _where_rows(ok, out, tf.zeros_like(out))
+                penalty = self._jacobian_penalty(step, states[-1], context)
+                self.add_loss(self.jacobian_weight * penalty)
+            outputs = []
+            for z in states:
+                out = readout(z)
+                # a readout with an offset (ConvCell's normalization) maps zero rows elsewhere
+                outputs.append(out if ok is None else _where_rows(ok, out, tf.zeros_like(out)))
+            if self.return_state:
+                return [*outputs, states[-1]]
+            return outputs if self.correction_states > 1 else outputs[0]
+
+    def _schedule(self, max_iter):
+        """Iterations of each solve segment: k states sampled uniformly (torchdeq's n_states)."""
+        k = max(min(max_iter, self.correction_states), 1)
+        delta = max_iter // k
+        ends = [max_iter - (k - 1 - i) * delta for i in range(k)]
+        return [end - start for start, end in zip([0, *ends[:-1]], ends)]
+
+    def _solve(self, step, z0, context, ok_in, training):
+        """The sampled states (the fixed point last), each with its gradient, and the
+        mask of good rows (None under on_failure="raise")."""
+        inference = not training
+        max_iter = self.inference_max_iter if inference else None
+        tol = self._run_inference_tol if inference else None
+        implicit = self.backward == "implicit"
+        frozen = tf.nest.map_structure(tf.stop_gradient, context)
+        segments = self._schedule(max_iter or self._run_solver.max_iter)
+        z, samples, iterations = z0, [], 0
+        for length in segments[:-1]:
+            z, stats = fixed_point(
+                step, z, frozen, solver=self._run_solver, tol=tol, max_iter=length,
+                batch_dims=1, on_failure="ignore", return_stats=True,
+            )  # fmt: skip
+            samples.append(z)
+            iterations += stats.iterations
+            z = tf.stop_gradient(z)
+        z, stats = fixed_point(
+            step,
+            z,
+            context if implicit else frozen,
+            solver=self._run_solver,
+            linear_solver=self._run_linear_solver,
+            tol=tol,
+            max_iter=segments[-1] if len(segments) > 1 else max_iter,
+            batch_dims=1,
+            on_failure=self.on_failure,
+            return_stats=True,
+            backward_callback=self._backward_callback if (implicit and training) else None,
+        )
+        self._record("forward_iterations", stats.iterations + iterations)
+        self._record(
+            "forward_residual", tf.where(tf.math.is_finite(stats.residual), stats.residual, 0.0)
+        )
+        self._record("forward_converged", stats.converged)
+        # ... and their output rows are zeroed, so they cannot reach the loss as NaN
+        # (tf.where passes a zero gradient to the unselected branch). Under "raise"
+        # the core's NaN rows for non-converged samples are what the user asked for.
+        ok = ok_in if self.on_failure == "raise" else ok_in & _finite_rows(z)
+        states = [_where_rows(ok, s, tf.zeros_like(s)) for s in [*samples, z]]
+        if training:
+            last = len(states) - 1
+            states = [
+                s
+                if (i == last and implicit)
+                else self._phantom(step, tf.stop_gradient(s), context, ok)
+                for i, s in enumerate(states)
+            ]
+        return states, (None if self.on_failure == "raise" else ok)
 
     def _phantom(self, step, z, context, ok):
         """k damped unrolled steps from z* (recorded by the tape): the phantom gradient."""
