@@ -10,21 +10,25 @@ parameters weights, or pass a list of names (e.g. `["upper"]`).
 * `radius` and `value` must stay positive, so they are stored as an unconstrained
   weight `raw` with `param = softplus(raw)`, initialized so that the initial value is
   the one given. `layer.get_param("radius")` returns the current value.
-* Box bounds `lower` / `upper` and the hyperplane/halfspace normal `a` become one
-  weight per feature (shape `(n,)`) when given as a number; `b`, `A` keep the shape
-  they were given. They are unconstrained (a learned box with lower > upper returns
-  `upper` where the bounds cross).
+* Box bounds `lower` / `upper`, the hyperplane/halfspace normal `a` and the box
+  section's weights `w` become one weight per feature (shape `(n,)`) when given as
+  a number; `b`, `A`, `c` keep the shape they were given. They are unconstrained (a
+  learned box with lower > upper returns `upper` where the bounds cross).
+* The sparse simplex's `max_nonzeros` and the transport marginals `a`, `b` are
+  fixed (not learnable).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import numbers
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_implicit import _validation
 from keras_implicit import ops as kops
 from keras_implicit._structure import compute_dtype
 
@@ -55,9 +59,11 @@ class _Param:
     name: str
     default: object = _REQUIRED
     # "scalar": one number (weight shape as given); "vector": per feature, a number
-    # becomes a weight of shape (n,); "array": weight shape as given.
+    # becomes a weight of shape (n,); "array": weight shape as given; "int": a
+    # positive Python int (a static size).
     layout: str = "scalar"
     positive: bool = False  # stored through softplus when trainable
+    learnable: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,12 +76,18 @@ class _Kind:
 
 _RADIUS = (_Param("radius", 1.0, positive=True),)
 _HYPER = (_Param("a", layout="vector"), _Param("b", 0.0))
+_BOUNDS = (_Param("lower", 0.0, layout="vector"), _Param("upper", 1.0, layout="vector"))
+_MARGINALS = (
+    _Param("a", layout="array", positive=True, learnable=False),
+    _Param("b", layout="array", positive=True, learnable=False),
+)
 
 KINDS = {
     "non_negative": _Kind(kops.projection_non_negative),
-    "box": _Kind(
-        kops.projection_box,
-        (_Param("lower", 0.0, layout="vector"), _Param("upper", 1.0, layout="vector")),
+    "box": _Kind(kops.projection_box, _BOUNDS),
+    "box_section": _Kind(
+        kops.projection_box_section,
+        (*_BOUNDS, _Param("w", 1.0, layout="vector"), _Param("c", 1.0)),
     ),
     "hyperplane": _Kind(kops.projection_hyperplane, _HYPER),
     "halfspace": _Kind(kops.projection_halfspace, _HYPER),
@@ -84,6 +96,13 @@ KINDS = {
     ),
     "simplex": _Kind(kops.projection_simplex, (_Param("value", 1.0, positive=True),)),
     "sparsemax": _Kind(kops.sparsemax),
+    "sparse_simplex": _Kind(
+        kops.projection_sparse_simplex,
+        (
+            _Param("max_nonzeros", layout="int", learnable=False),
+            _Param("value", 1.0, positive=True),
+        ),
+    ),
     "l1_ball": _Kind(kops.projection_l1_ball, _RADIUS),
     "l1_sphere": _Kind(kops.projection_l1_sphere, _RADIUS),
     "l2_ball": _Kind(kops.projection_l2_ball, _RADIUS),
@@ -92,6 +111,12 @@ KINDS = {
     "second_order_cone": _Kind(kops.projection_second_order_cone),
     "psd_cone": _Kind(kops.projection_psd_cone, min_rank=3),
     "exp_cone": _Kind(kops.projection_exp_cone),
+    "transport": _Kind(kops.projection_transport, _MARGINALS, min_rank=3),
+    "transport_kl": _Kind(
+        functools.partial(kops.projection_transport, divergence="kl"), _MARGINALS, min_rank=3
+    ),
+    "birkhoff": _Kind(kops.projection_birkhoff, min_rank=3),
+    "birkhoff_kl": _Kind(functools.partial(kops.projection_birkhoff, divergence="kl"), min_rank=3),
 }
 
 _ALL_PARAM_NAMES = sorted({p.name for k in KINDS.values() for p in k.params})
@@ -104,7 +129,9 @@ def _softplus_inverse(value: np.ndarray) -> np.ndarray:
 
 
 def _to_config_value(value):
-    """Python float or nested list: what get_config can hold."""
+    """Python int, float or nested list: what get_config can hold."""
+    if isinstance(value, int):
+        return value
     arr = np.asarray(value, dtype=np.float64)
     return float(arr) if arr.ndim == 0 else arr.tolist()
 
@@ -118,8 +145,12 @@ class Projection(keras.layers.Layer):
         "non_negative", "box" (lower=0, upper=1), "hyperplane" (a, b=0),
         "halfspace" (a, b=0), "affine_set" (A, b), "simplex" (value=1), "sparsemax",
         "l1_ball", "l1_sphere", "l2_ball", "l2_sphere", "linf_ball" (radius=1),
-        "second_order_cone", "psd_cone" (input (..., n, n)), "exp_cone" (last axis 3).
-        The op is `keras_implicit.ops.projection_<kind>` (or `ops.sparsemax`).
+        "second_order_cone", "psd_cone" (input (..., n, n)), "exp_cone" (last axis 3),
+        "box_section" (lower=0, upper=1, w=1, c=1: {lower <= y <= upper, w^T y = c}),
+        "sparse_simplex" (max_nonzeros, value=1), "transport" / "transport_kl"
+        (marginals a, b; input (..., m, n)), "birkhoff" / "birkhoff_kl" (input
+        (..., n, n)). The op is `keras_implicit.ops.projection_<kind>` (or
+        `ops.sparsemax`; the "_kl" kinds pass `divergence="kl"`).
       trainable_params: False, True (all of the kind's parameters), or a list of
         parameter names to learn. See the module docstring for the parametrization.
       **params: the kind's set parameters (numbers, lists or numpy arrays), plus the
@@ -161,14 +192,14 @@ class Projection(keras.layers.Layer):
                     f"Kind {kind!r} requires the parameter `{p.name}`. Received: {p.name}=None"
                 )
             self._values[p.name] = self._validate_value(p, value)
-        if kind == "box":
+        if kind in ("box", "box_section"):
             self._check_box_order()
         self._weights_by_name = {}
 
     # ------------------------------------------------------------------ validation
 
     def _resolve_trainable(self, trainable_params):
-        names = [p.name for p in self._spec.params]
+        names = [p.name for p in self._spec.params if p.learnable]
         if isinstance(trainable_params, bool):
             return list(names) if trainable_params else []
         requested = [trainable_params] if isinstance(trainable_params, str) else trainable_params
@@ -183,12 +214,14 @@ class Projection(keras.layers.Layer):
         if unknown:
             raise ValueError(
                 f"Unknown parameter name(s) {unknown} in `trainable_params` for kind "
-                f"{self.kind!r}; its parameters are {names}. "
+                f"{self.kind!r}; its learnable parameters are {names}. "
                 f"Received: trainable_params={trainable_params!r}"
             )
         return [n for n in names if n in requested]
 
     def _validate_value(self, p, value):
+        if p.layout == "int":
+            return _validation.positive_int(p.name, value)
         if tf.is_tensor(value) or isinstance(value, tf.Variable):
             value = np.asarray(value)  # configs hold plain numbers
         if isinstance(value, bool) or not isinstance(
@@ -253,6 +286,20 @@ class Projection(keras.layers.Layer):
             raise ValueError(
                 f"The PSD cone acts on square matrices (..., n, n). Received: input_shape={shape}"
             )
+        if self.kind.startswith("birkhoff") and None not in shape[-2:] and n != shape[-2]:
+            raise ValueError(
+                "The Birkhoff polytope holds square matrices (..., n, n). "
+                f"Received: input_shape={shape}"
+            )
+        if self.kind.startswith("transport"):
+            for name, dim in (("a", shape[-2]), ("b", n)):
+                size = np.shape(self._values[name])[-1]
+                if dim is not None and size != dim:
+                    raise ValueError(
+                        f"`{name}` must have {dim} entries (input_shape={shape}). "
+                        f"Received: {name}.shape={np.shape(self._values[name])}"
+                    )
+            return
         if n is None:
             return
         for name, arr in self._values.items():

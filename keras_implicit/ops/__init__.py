@@ -29,6 +29,7 @@ from keras_implicit.ops.cones import (
     projection_psd_cone,
     projection_second_order_cone,
 )
+from keras_implicit.ops.polyhedra import projection_box_section, projection_polyhedron
 from keras_implicit.ops.projections import (
     projection_affine_set,
     projection_box,
@@ -44,18 +45,23 @@ from keras_implicit.ops.prox import (
     prox_group_lasso,
     prox_lasso,
     prox_non_negative_lasso,
+    prox_non_negative_ridge,
     prox_ridge,
 )
 from keras_implicit.ops.simplex import (
     projection_l1_ball,
     projection_l1_sphere,
     projection_simplex,
+    projection_sparse_simplex,
     sparsemax,
 )
+from keras_implicit.ops.transport import projection_birkhoff, projection_transport
 
 __all__ = [
     "projection_affine_set",
+    "projection_birkhoff",
     "projection_box",
+    "projection_box_section",
     "projection_exp_cone",
     "projection_halfspace",
     "projection_hyperplane",
@@ -65,13 +71,17 @@ __all__ = [
     "projection_l2_sphere",
     "projection_linf_ball",
     "projection_non_negative",
+    "projection_polyhedron",
     "projection_psd_cone",
     "projection_second_order_cone",
     "projection_simplex",
+    "projection_sparse_simplex",
+    "projection_transport",
     "prox_elastic_net",
     "prox_group_lasso",
     "prox_lasso",
     "prox_non_negative_lasso",
+    "prox_non_negative_ridge",
     "prox_ridge",
     "sparsemax",
 ]

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import functools
 import numbers
+import os
 
 import numpy as np
 import tensorflow as tf
 
-from keras_implicit import _validation
+from keras_implicit import _structure, _validation
 from keras_implicit._structure import row_sum
 
 
@@ -115,8 +116,46 @@ def per_vector(param: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
     return tf.broadcast_to(param[..., tf.newaxis], target)
 
 
+DEVICE_BRANCH_ENV = "KERAS_IMPLICIT_DEVICE_BRANCH"
+_DEVICE_BRANCHES = ("auto", "accelerator", "cpu")
+# Tests set this to "accelerator" or "cpu"; None defers to the environment variable.
+_device_branch_override = None
+
+
+@functools.cache
+def _device_branch_setting() -> str:
+    """KERAS_IMPLICIT_DEVICE_BRANCH (auto, accelerator or cpu), read once per process."""
+    value = os.environ.get(DEVICE_BRANCH_ENV, "auto").strip().lower() or "auto"
+    if value not in _DEVICE_BRANCHES:
+        raise ValueError(
+            f"{DEVICE_BRANCH_ENV} must be one of {list(_DEVICE_BRANCHES)}. "
+            f"Received: {DEVICE_BRANCH_ENV}={value!r}"
+        )
+    return value
+
+
+def accelerator_branch() -> bool:
+    """Whether the ops take the code paths written for GPUs/TPUs.
+
+    "auto" follows the visible devices; "accelerator" forces those paths on a CPU
+    (so both branches can run in tests); "cpu" forces the CPU paths where they are
+    exact (float32 sums stay reductions on a GPU/TPU, see `_structure.row_sum`).
+    """
+    setting = _device_branch_override or _device_branch_setting()
+    if setting == "auto":
+        return _structure._accelerator_visible()
+    return setting == "accelerator"
+
+
 def sum_last(v: tf.Tensor) -> tf.Tensor:
-    """Sum over the last axis, keeping it; as fast under XLA on CPU as jax's sum."""
+    """Sum over the last axis, keeping it.
+
+    CPU branch: a product with a column of ones (`_structure.row_sum`), as fast under
+    XLA on CPU as jax's sum. Accelerator branch: a reduction, except in float64,
+    where matrix products are exact on every device.
+    """
+    if accelerator_branch() and v.dtype != tf.float64:
+        return tf.reduce_sum(v, axis=-1, keepdims=True)
     return row_sum(v, keepdims=True)
 
 
@@ -200,13 +239,17 @@ def graph_when_eager(fn):
     shapes of the surrounding graph are kept (a relaxed-shape graph function would
     return tensors of unknown rank, which Keras shape inference cannot use).
     """
-    graph_fn = tf.function(fn, autograph=False, reduce_retracing=True)
+    # One graph per device branch: a trace holds the branch it was traced with.
+    graphs = {}
 
     @functools.wraps(fn)
     def wrapper(*args):
-        if tf.executing_eagerly():
-            return graph_fn(*args)
-        return fn(*args)
+        if not tf.executing_eagerly():
+            return fn(*args)
+        branch = accelerator_branch()
+        if branch not in graphs:
+            graphs[branch] = tf.function(fn, autograph=False, reduce_retracing=True)
+        return graphs[branch](*args)
 
     return wrapper
 

@@ -23,6 +23,7 @@ __all__ = [
     "prox_group_lasso",
     "prox_lasso",
     "prox_non_negative_lasso",
+    "prox_non_negative_ridge",
     "prox_ridge",
 ]
 
@@ -84,6 +85,23 @@ def prox_ridge(x, l2reg=1.0, scaling=1.0):
         x = c.as_float_tensor(x)
         lam = _strength(l2reg, x, "l2reg") * _strength(scaling, x, "scaling")
         return x / (1.0 + lam)
+
+
+def prox_non_negative_ridge(x, l2reg=1.0, scaling=1.0):
+    """argmin_{y >= 0} 1/2||y - x||^2 + scaling * l2reg / 2 * ||y||^2.
+
+    Solution `max(x, 0) / (1 + scaling * l2reg)` (jaxopt's `prox_non_negative_ridge`).
+    Derivative w.r.t. `x`: `1 / (1 + lambda)` where `x > 0`, 0 where `x <= 0`
+    (relu'(0) = 0); w.r.t. `lambda = scaling * l2reg`: `-max(x, 0) / (1 + lambda)^2`.
+
+    Args:
+      x: floating tensor of any shape.
+      l2reg, scaling: non-negative numbers or tensors broadcastable against `x`.
+    """
+    with tf.name_scope("prox_non_negative_ridge"):
+        x = c.as_float_tensor(x)
+        lam = _strength(l2reg, x, "l2reg") * _strength(scaling, x, "scaling")
+        return tf.nn.relu(x) / (1.0 + lam)
 
 
 def prox_elastic_net(x, l1reg=1.0, l2reg=1.0, scaling=1.0):

@@ -33,9 +33,16 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from keras_implicit import _validation
 from keras_implicit.ops import _common as c
 
-__all__ = ["projection_l1_ball", "projection_l1_sphere", "projection_simplex", "sparsemax"]
+__all__ = [
+    "projection_l1_ball",
+    "projection_l1_sphere",
+    "projection_simplex",
+    "projection_sparse_simplex",
+    "sparsemax",
+]
 
 # Newton passes before the sort fallback. Random data needs ~5-10.
 _NEWTON_MAX_ITER = 32
@@ -156,6 +163,43 @@ def projection_simplex(x, value=1.0):
         c.require_rank(x, 1)
         value = c.per_vector(c.as_param(value, x.dtype, "value", c.non_negative), x)
         return c.restore_dtype(_simplex_core(x, value), original)
+
+
+def projection_sparse_simplex(x, max_nonzeros, value=1.0):
+    """Projection onto the sparse simplex {y >= 0, sum(y) = value, ||y||_0 <= max_nonzeros}.
+
+    jaxopt's `projection_sparse_simplex`. The set is not convex, but its projection
+    has a closed form (Kyrillidis et al., 2013): keep the `max_nonzeros` largest
+    entries of `x`, project them onto the simplex, set the others to 0. Ties at the
+    k-th largest value keep the first entries (`tf.math.top_k` order), one of the
+    nearest points.
+
+    Args:
+      x: floating tensor `(..., n)`.
+      max_nonzeros: positive Python int k (with k >= n this is `projection_simplex`).
+      value: non-negative number or tensor broadcastable to `x.shape[:-1]`.
+
+    Returns:
+      Tensor like `x`. Jacobian: that of `projection_simplex` on the kept entries
+      (`diag(1_S) - 1_S 1_S^T/|S|`, S the support), 0 elsewhere; derivative w.r.t.
+      `value` `1_S/|S|`.
+    """
+    with tf.name_scope("projection_sparse_simplex"):
+        k = _validation.positive_int("max_nonzeros", max_nonzeros)
+        x, original = c.upcast_half(c.as_float_tensor(x))
+        c.require_rank(x, 1)
+        value = c.per_vector(c.as_param(value, x.dtype, "value", c.non_negative), x)
+        n = x.shape[-1]
+        if n is not None and k >= n:
+            return c.restore_dtype(_simplex_core(x, value), original)
+        if n is None:
+            k = tf.minimum(k, tf.shape(x)[-1])
+        top, indices = tf.math.top_k(x, k=k, sorted=False)
+        y_top = _simplex_core(top, value)
+        # scatter the k entries back: (..., k) @ one_hot (..., k, n)
+        spread = tf.one_hot(indices, tf.shape(x)[-1], dtype=x.dtype)
+        y = tf.linalg.matvec(spread, y_top, transpose_a=True)
+        return c.restore_dtype(y, original)
 
 
 def sparsemax(x):
