@@ -20,8 +20,8 @@ and ratios against the unrolled network and against torchdeq.
 
 Both frameworks get the same number of CPU threads (`--threads`, default 1): with
 more threads than idle cores PyTorch's spinning workers slow it down many times
-(measured: 17 ms per torchdeq step on one thread, 54 ms on two threads while another
-process used a core), which is what made an earlier round's torchdeq numbers useless.
+(17 ms per torchdeq step on one thread against 54 ms on two threads while another
+process used a core).
 
     python benchmarks/bench_deq.py [--quick] [--threads N]
 

@@ -326,12 +326,10 @@ class ConvCell(_Cell):
     (I - J^T) u = g amplifies a gradient by at most 1 / (1 - lipschitz).
 
     Why: with normalizations inside the map (the MDEQ form, z_next = GN(relu(z +
-    GN(conv(relu(conv(z))) + conv_in(x))))) the z-path has no bound, and under a
-    global-pooling head training pushed one real eigenvalue of d cell / dz through 1
-    (1 / (1 - lambda) amplifies the pooled features); past it the solve failed for
-    those samples and the model collapsed to chance on scikit-learn's digits. Here the
-    normalizations touch only x (`GN_in`) and the fixed point (`GN_out`, outside the
-    solver loop), so they cannot break the bound.
+    GN(conv(relu(conv(z))) + conv_in(x))))) the z-path has no bound, and training can
+    push a real eigenvalue of d cell / dz through 1, where the solve and the implicit
+    gradient fail. Here the normalizations touch only x (`GN_in`) and the fixed point
+    (`GN_out`, outside the solver loop), so they cannot break the bound.
 
     Args:
         filters: channels of the state z.

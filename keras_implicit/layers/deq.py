@@ -504,6 +504,8 @@ class DEQ(keras.layers.Layer):
             "jacobian_power_steps": self.jacobian_power_steps,
             "on_failure": self.on_failure,
             "track_stats": self.track_stats,
+            "correction_states": self.correction_states,
+            "return_state": self.return_state,
         }
 
     @classmethod

@@ -253,10 +253,10 @@ def test_conv_operator_norm_is_the_exact_circular_norm_and_bounds_same_padding()
 
 @pytest.mark.parametrize("scale", [1.0, 30.0])
 def test_conv_cell_is_a_contraction_for_any_weights(scale):
-    """The mechanism behind the pooling-head DEQ that trained at chance: training drove a
-    real eigenvalue of d cell / dz through 1 (the MDEQ cell normalizes its z-path, so
-    nothing bounds it). ConvCell's map is now a `lipschitz`-contraction whatever the
-    weights: the dense Jacobian's norm at random states, with kernels blown up."""
+    """ConvCell's map is a `lipschitz`-contraction whatever the weights (a normalized
+    z-path, as in MDEQ, bounds nothing, and an eigenvalue of d cell / dz crossing 1
+    breaks the solve): the dense Jacobian's norm at random states, with kernels blown
+    up."""
     keras.utils.set_random_seed(1)
     cell = layers.ConvCell(3, hidden_filters=4, dtype="float64")
     x = tf.random.stateless_normal([2, 5, 5, 2], seed=[1, 2], dtype="float64")
