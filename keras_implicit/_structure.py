@@ -1,13 +1,17 @@
-"""Packing of nested tensor structures into one [batch, dim] matrix.
+"""Packing of nested tensor structures into one [batch, dim] matrix, and row-wise kernels.
 
 Every solver in the package works on a single 2-D tensor whose rows are independent
 problems: a structure with `batch_dims=1` packs to [B, D], one with `batch_dims=0`
-to [1, D]. Keeping this in one place means solvers never see `tf.nest`.
+to [1, D]. Keeping this in one place means solvers never see `tf.nest`. The row-wise
+pieces that forward and backward solvers share (statistics, best-iterate tracking, the
+limited-memory Broyden iteration) live here too, so neither solver module depends on
+the other.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import numpy as np
 import tensorflow as tf
@@ -212,3 +216,122 @@ def while_loop(cond, body, state, maximum_iterations=None):
         return out
 
     return tf.while_loop(cond, shaped_body, state, maximum_iterations=maximum_iterations)
+
+
+# ------------------------------------------------------------ row-wise iteration
+
+
+class SolverStats(NamedTuple):
+    """Outcome of a solve.
+
+    Attributes:
+        iterations: int32, iterations used (per batch element where batched; -1 when
+            the solver is a user's black box that does not report it).
+        residual: the residual of the returned iterate, per batch element.
+        converged: bool, residual <= tol and finite, per batch element.
+    """
+
+    iterations: tf.Tensor
+    residual: tf.Tensor
+    converged: tf.Tensor
+
+
+def relative_residual(step: tf.Tensor, z: tf.Tensor) -> tf.Tensor:
+    """||step|| / (1 + ||z||) per row."""
+    return row_norm(step) / (1.0 + row_norm(z))
+
+
+def freeze(active: tf.Tensor, new: tf.Tensor, old: tf.Tensor) -> tf.Tensor:
+    """Keeps rows that are no longer active unchanged."""
+    return tf.where(active[:, None], new, old)
+
+
+def keep_best(active, res, z, best_res, best_z):
+    """Per active row, (res, z) replaces the best seen when its residual is lower.
+
+    A NaN residual is never lower, so a broken evaluation never replaces a good iterate.
+    """
+    better = tf.logical_and(active, res < best_res)
+    return tf.where(better, res, best_res), freeze(better, z, best_z)
+
+
+def no_residual(batch, dtype):
+    """The residual of an iterate not yet evaluated: worse than any evaluated one."""
+    return tf.fill([batch], tf.constant(float("inf"), dtype))
+
+
+def while_active(body, state, max_iter: int):
+    """`while_loop` that stops once every row is done (state[1] is the `active` mask)."""
+
+    def cond(iteration, active, *rest):
+        del iteration, rest
+        return tf.reduce_any(active)
+
+    return while_loop(cond, body, state, maximum_iterations=max_iter)
+
+
+def broyden_root(residual_map, y0, *, tol, max_iter, memory, residual_fn=None):
+    """Limited-memory 'good' Broyden method for residual_map(y) = 0, rows independent.
+
+    The inverse Jacobian is approximated as H = I + U V^T (rank <= memory, circular
+    buffer), starting from the identity: right for F(y) = y - T(y) with T contractive,
+    and for the linear residual A x - b with A close to the identity. Step: y <- y - H F(y).
+
+    `residual_fn(F, y)` gives the per-row residual compared with tol (default
+    `relative_residual`). Returns the evaluated point with the lowest residual per row,
+    and `SolverStats` for it.
+    """
+    residual_fn = residual_fn or relative_residual
+    dtype = y0.dtype
+    batch = tf.shape(y0)[0]
+    tol = tf.constant(tol, dtype)
+    buffer_shape = tf.stack([batch, memory, tf.shape(y0)[1]])
+
+    def apply_h(us, vs, x):  # H x = x + U (V^T x)
+        return x + tf.einsum("bmd,bm->bd", us, tf.einsum("bmd,bd->bm", vs, x))
+
+    def apply_ht(us, vs, x):  # H^T x = x + V (U^T x)
+        return x + tf.einsum("bmd,bm->bd", vs, tf.einsum("bmd,bd->bm", us, x))
+
+    def body(iteration, active, y, fy, best, residual, iterations, us, vs):
+        step = -apply_h(us, vs, fy)
+        y_new = y + step
+        f_new = residual_map(y_new)
+        res = residual_fn(f_new, y_new)
+        residual, best = keep_best(active, res, y_new, residual, best)
+        broken = tf.logical_not(tf.math.is_finite(res))
+        move = tf.logical_and(active, tf.logical_not(broken))
+
+        # Sherman-Morrison update of the inverse: H += (s - H d) s^T H / (s^T H d)
+        d = f_new - fy
+        h_d = apply_h(us, vs, d)
+        denom = row_sum(step * h_d)
+        u = safe_divide(step - h_d, denom[:, None])
+        v = apply_ht(us, vs, step)
+        update = tf.cast(tf.logical_and(move, tf.abs(denom) > 0), dtype)[:, None, None]
+        slot = tf.one_hot(iteration % memory, memory, dtype=dtype)[None, :, None] * update
+        us = us * (1 - slot) + slot * u[:, None, :]
+        vs = vs * (1 - slot) + slot * v[:, None, :]
+
+        y = freeze(move, y_new, y)
+        fy = freeze(move, f_new, fy)
+        iterations = iterations + tf.cast(active, tf.int32)
+        still = tf.logical_and(move, res > tol)
+        return iteration + 1, still, y, fy, best, residual, iterations, us, vs
+
+    f0 = residual_map(y0)
+    res0 = residual_fn(f0, y0)
+    finite0 = tf.math.is_finite(res0)
+    state = (
+        tf.constant(0),
+        tf.logical_and(res0 > tol, finite0),
+        y0,
+        f0,
+        y0,
+        tf.where(finite0, res0, no_residual(batch, dtype)),
+        tf.zeros([batch], tf.int32),
+        tf.zeros(buffer_shape, dtype),
+        tf.zeros(buffer_shape, dtype),
+    )
+    _, _, _, _, y, residual, iterations, _, _ = while_active(body, state, max_iter)
+    return y, SolverStats(iterations, residual, residual <= tol)

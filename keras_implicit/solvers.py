@@ -18,55 +18,24 @@ it is ||F(y)|| / (1 + ||y||): relative for large iterates, absolute near zero.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
-import keras
 import tensorflow as tf
 
 from keras_implicit import _validation
-from keras_implicit._structure import finite_rows, row_norm, row_sum, safe_divide, while_loop
+from keras_implicit._registry import Registry, Settings, serialize
+from keras_implicit._structure import (
+    SolverStats,
+    broyden_root,
+    finite_rows,
+    freeze,
+    keep_best,
+    no_residual,
+    relative_residual,
+    while_active,
+    while_loop,
+)
 
 
-class SolverStats(NamedTuple):
-    """Outcome of a solve.
-
-    Attributes:
-        iterations: int32, iterations used (per batch element where batched; -1 when
-            the solver is a user's black box that does not report it).
-        residual: the residual of the returned iterate (see module docstring), per batch
-            element.
-        converged: bool, residual <= tol and finite, per batch element.
-    """
-
-    iterations: tf.Tensor
-    residual: tf.Tensor
-    converged: tf.Tensor
-
-
-def relative_residual(step: tf.Tensor, z: tf.Tensor) -> tf.Tensor:
-    return row_norm(step) / (1.0 + row_norm(z))
-
-
-def _freeze(active: tf.Tensor, new: tf.Tensor, old: tf.Tensor) -> tf.Tensor:
-    """Keeps rows that are no longer active unchanged."""
-    return tf.where(active[:, None], new, old)
-
-
-def _keep_best(active, res, z, best_res, best_z):
-    """Per active row, (res, z) replaces the best seen when its residual is lower.
-
-    A NaN residual is never lower, so a broken evaluation never replaces a good iterate.
-    """
-    better = tf.logical_and(active, res < best_res)
-    return tf.where(better, res, best_res), _freeze(better, z, best_z)
-
-
-def _no_residual(batch, dtype):
-    """The residual of an iterate not yet evaluated: worse than any evaluated one."""
-    return tf.fill([batch], tf.constant(float("inf"), dtype))
-
-
-class Solver:
+class Solver(Settings):
     """Base class of forward solvers. Subclasses implement `solve_fixed_point`.
 
     Args:
@@ -75,26 +44,11 @@ class Solver:
     """
 
     name = "solver"
+    _fields = ("tol", "max_iter")
 
     def __init__(self, tol: float = 1e-5, max_iter: int = 100):
         self.tol = _validation.non_negative_float("tol", tol)
         self.max_iter = _validation.positive_int("max_iter", max_iter)
-
-    def get_config(self) -> dict:
-        return {"tol": self.tol, "max_iter": self.max_iter}
-
-    @classmethod
-    def from_config(cls, config: dict):
-        return cls(**config)
-
-    def with_options(self, **options):
-        """A copy with some constructor arguments replaced (None values are ignored)."""
-        options = {k: v for k, v in options.items() if v is not None}
-        return type(self).from_config({**self.get_config(), **options}) if options else self
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
-        return f"{type(self).__name__}({args})"
 
     def solve_fixed_point(self, fixed_point_map, z0: tf.Tensor):
         """Returns (z, SolverStats) with z ~= fixed_point_map(z), rows independent."""
@@ -110,17 +64,10 @@ class Solver:
         return self.solve_fixed_point(lambda y: y - residual_map(y), y0)
 
 
-def _loop(body, state, max_iter: int):
-    """`tf.while_loop` that stops once every row is done (state[1] is the `active` mask)."""
-
-    def cond(iteration, active, *rest):
-        del iteration, rest
-        return tf.reduce_any(active)
-
-    return while_loop(cond, body, state, maximum_iterations=max_iter)
+_REGISTRY = Registry(Solver, "solver")
 
 
-@keras.saving.register_keras_serializable(package="keras_implicit")
+@_REGISTRY.register("fixed_point", "picard")
 class FixedPointIteration(Solver):
     """Damped (Krasnosel'skii-Mann) iteration z <- (1 - damping) z + damping T(z).
 
@@ -130,13 +77,11 @@ class FixedPointIteration(Solver):
     """
 
     name = "fixed_point_iteration"
+    _fields = (*Solver._fields, "damping")
 
     def __init__(self, tol: float = 1e-5, max_iter: int = 100, damping: float = 1.0):
         super().__init__(tol=tol, max_iter=max_iter)
         self.damping = _validation.float_in_range("damping", damping, 0.0, 1.0, low_open=True)
-
-    def get_config(self):
-        return {**super().get_config(), "damping": self.damping}
 
     def solve_fixed_point(self, fixed_point_map, z0):
         with tf.name_scope("fixed_point_iteration"):
@@ -149,11 +94,11 @@ class FixedPointIteration(Solver):
                 tz = fixed_point_map(z)
                 step = tz - z
                 res = relative_residual(step, z)
-                residual, best = _keep_best(active, res, z, residual, best)
+                residual, best = keep_best(active, res, z, residual, best)
                 # a row leaves the loop when converged or broken (non-finite)
                 done = tf.logical_or(res <= tol, tf.logical_not(tf.math.is_finite(res)))
                 move = tf.logical_and(active, tf.logical_not(done))
-                z = _freeze(move, z + damping * step, z)
+                z = freeze(move, z + damping * step, z)
                 iterations = iterations + tf.cast(active, tf.int32)
                 return iteration + 1, move, z, best, residual, iterations
 
@@ -162,15 +107,15 @@ class FixedPointIteration(Solver):
                 tf.ones([batch], tf.bool),
                 z0,
                 z0,
-                _no_residual(batch, dtype),
+                no_residual(batch, dtype),
                 tf.zeros([batch], tf.int32),
             )
-            _, _, _, z, residual, iterations = _loop(body, state, self.max_iter)
+            _, _, _, z, residual, iterations = while_active(body, state, self.max_iter)
             converged = residual <= tol
             return z, SolverStats(iterations, residual, converged)
 
 
-@keras.saving.register_keras_serializable(package="keras_implicit")
+@_REGISTRY.register()
 class Anderson(Solver):
     """Anderson acceleration (type II) of the fixed-point iteration.
 
@@ -187,6 +132,7 @@ class Anderson(Solver):
     """
 
     name = "anderson"
+    _fields = (*Solver._fields, "memory", "beta", "ridge")
 
     def __init__(
         self,
@@ -200,14 +146,6 @@ class Anderson(Solver):
         self.memory = _validation.positive_int("memory", memory)
         self.beta = _validation.float_in_range("beta", beta, 0.0, 1.0, low_open=True)
         self.ridge = _validation.non_negative_float("ridge", ridge)
-
-    def get_config(self):
-        return {
-            **super().get_config(),
-            "memory": self.memory,
-            "beta": self.beta,
-            "ridge": self.ridge,
-        }
 
     def solve_fixed_point(self, fixed_point_map, z0):
         with tf.name_scope("anderson"):
@@ -223,7 +161,7 @@ class Anderson(Solver):
             def body(iteration, active, z, best, residual, iterations, xs, fs):
                 tz = fixed_point_map(z)
                 res = relative_residual(tz - z, z)
-                residual, best = _keep_best(active, res, z, residual, best)
+                residual, best = keep_best(active, res, z, residual, best)
                 done = tf.logical_or(res <= tol, tf.logical_not(tf.math.is_finite(res)))
                 move = tf.logical_and(active, tf.logical_not(done))
 
@@ -248,7 +186,7 @@ class Anderson(Solver):
                 )
                 # a singular mixing step must not poison a row: fall back to T(z)
                 mixed = tf.where(finite_rows(mixed)[:, None], mixed, tz)
-                z = _freeze(move, mixed, z)
+                z = freeze(move, mixed, z)
                 iterations = iterations + tf.cast(active, tf.int32)
                 return iteration + 1, move, z, best, residual, iterations, xs, fs
 
@@ -257,82 +195,16 @@ class Anderson(Solver):
                 tf.ones([batch], tf.bool),
                 z0,
                 z0,
-                _no_residual(batch, dtype),
+                no_residual(batch, dtype),
                 tf.zeros([batch], tf.int32),
                 tf.zeros(history_shape, dtype),
                 tf.zeros(history_shape, dtype),
             )
-            _, _, _, z, residual, iterations, _, _ = _loop(body, state, self.max_iter)
+            _, _, _, z, residual, iterations, _, _ = while_active(body, state, self.max_iter)
             return z, SolverStats(iterations, residual, residual <= tol)
 
 
-def broyden_root(residual_map, y0, *, tol, max_iter, memory, residual_fn=None):
-    """Limited-memory 'good' Broyden method for residual_map(y) = 0, rows independent.
-
-    The inverse Jacobian is approximated as H = I + U V^T (rank <= memory, circular
-    buffer), starting from the identity: right for F(y) = y - T(y) with T contractive,
-    and for the linear residual A x - b with A close to the identity. Step: y <- y - H F(y).
-
-    `residual_fn(F, y)` gives the per-row residual compared with tol. Returns the
-    evaluated point with the lowest residual per row, and that residual.
-    """
-    residual_fn = residual_fn or relative_residual
-    dtype = y0.dtype
-    batch = tf.shape(y0)[0]
-    tol = tf.constant(tol, dtype)
-    buffer_shape = tf.stack([batch, memory, tf.shape(y0)[1]])
-
-    def apply_h(us, vs, x):  # H x = x + U (V^T x)
-        return x + tf.einsum("bmd,bm->bd", us, tf.einsum("bmd,bd->bm", vs, x))
-
-    def apply_ht(us, vs, x):  # H^T x = x + V (U^T x)
-        return x + tf.einsum("bmd,bm->bd", vs, tf.einsum("bmd,bd->bm", us, x))
-
-    def body(iteration, active, y, fy, best, residual, iterations, us, vs):
-        step = -apply_h(us, vs, fy)
-        y_new = y + step
-        f_new = residual_map(y_new)
-        res = residual_fn(f_new, y_new)
-        residual, best = _keep_best(active, res, y_new, residual, best)
-        broken = tf.logical_not(tf.math.is_finite(res))
-        move = tf.logical_and(active, tf.logical_not(broken))
-
-        # Sherman-Morrison update of the inverse: H += (s - H d) s^T H / (s^T H d)
-        d = f_new - fy
-        h_d = apply_h(us, vs, d)
-        denom = row_sum(step * h_d)
-        u = safe_divide(step - h_d, denom[:, None])
-        v = apply_ht(us, vs, step)
-        update = tf.cast(tf.logical_and(move, tf.abs(denom) > 0), dtype)[:, None, None]
-        slot = tf.one_hot(iteration % memory, memory, dtype=dtype)[None, :, None] * update
-        us = us * (1 - slot) + slot * u[:, None, :]
-        vs = vs * (1 - slot) + slot * v[:, None, :]
-
-        y = _freeze(move, y_new, y)
-        fy = _freeze(move, f_new, fy)
-        iterations = iterations + tf.cast(active, tf.int32)
-        still = tf.logical_and(move, res > tol)
-        return iteration + 1, still, y, fy, best, residual, iterations, us, vs
-
-    f0 = residual_map(y0)
-    res0 = residual_fn(f0, y0)
-    finite0 = tf.math.is_finite(res0)
-    state = (
-        tf.constant(0),
-        tf.logical_and(res0 > tol, finite0),
-        y0,
-        f0,
-        y0,
-        tf.where(finite0, res0, _no_residual(batch, dtype)),
-        tf.zeros([batch], tf.int32),
-        tf.zeros(buffer_shape, dtype),
-        tf.zeros(buffer_shape, dtype),
-    )
-    _, _, _, _, y, residual, iterations, _, _ = _loop(body, state, max_iter)
-    return y, SolverStats(iterations, residual, residual <= tol)
-
-
-@keras.saving.register_keras_serializable(package="keras_implicit")
+@_REGISTRY.register()
 class Broyden(Solver):
     """Limited-memory Broyden quasi-Newton method (the "good" update).
 
@@ -345,13 +217,11 @@ class Broyden(Solver):
     """
 
     name = "broyden"
+    _fields = (*Solver._fields, "memory")
 
     def __init__(self, tol: float = 1e-5, max_iter: int = 100, memory: int = 20):
         super().__init__(tol=tol, max_iter=max_iter)
         self.memory = _validation.positive_int("memory", memory)
-
-    def get_config(self):
-        return {**super().get_config(), "memory": self.memory}
 
     def solve_fixed_point(self, fixed_point_map, z0):
         return self.solve_root(lambda z: z - fixed_point_map(z), z0)
@@ -397,7 +267,7 @@ def _lbfgs_start(value_and_gradient, x0, memory, tolerance):
     )
 
 
-@keras.saving.register_keras_serializable(package="keras_implicit")
+@_REGISTRY.register()
 class LBFGS(Solver):
     """L-BFGS minimization through `tfp.optimizer.lbfgs_minimize` (batched over rows).
 
@@ -408,13 +278,11 @@ class LBFGS(Solver):
     """
 
     name = "lbfgs"
+    _fields = (*Solver._fields, "memory")
 
     def __init__(self, tol: float = 1e-5, max_iter: int = 100, memory: int = 10):
         super().__init__(tol=tol, max_iter=max_iter)
         self.memory = _validation.positive_int("memory", memory)
-
-    def get_config(self):
-        return {**super().get_config(), "memory": self.memory}
 
     def minimize(self, value_and_gradient, x0):
         """value_and_gradient: [B, D] -> ([B], [B, D]). Returns (x, SolverStats)."""
@@ -446,7 +314,7 @@ class LBFGS(Solver):
             # best position per row is kept here.
             start = _lbfgs_start(value_and_gradient, x0, self.memory, settings["tolerance"])
             res0 = relative_residual(start.objective_gradient, x0)
-            best_res0 = tf.where(tf.math.is_finite(res0), res0, _no_residual(batch, dtype))
+            best_res0 = tf.where(tf.math.is_finite(res0), res0, no_residual(batch, dtype))
 
             def cond(results, best, residual):
                 del best, residual
@@ -456,7 +324,7 @@ class LBFGS(Solver):
             def body(results, best, residual):
                 results = advance(results, results.num_iterations + 1)
                 res = relative_residual(results.objective_gradient, results.position)
-                residual, best = _keep_best(
+                residual, best = keep_best(
                     tf.ones([batch], tf.bool), res, results.position, residual, best
                 )
                 return results, best, residual
@@ -474,56 +342,13 @@ class LBFGS(Solver):
     solve_fixed_point = solve_root
 
 
-_SOLVERS = {
-    "fixed_point_iteration": FixedPointIteration,
-    "fixed_point": FixedPointIteration,
-    "picard": FixedPointIteration,
-    "anderson": Anderson,
-    "broyden": Broyden,
-    "lbfgs": LBFGS,
-}
-
-
-def resolve(identifier, options, *, registry, base, argument):
-    """A solver object from a name, a config dict or an instance of `base`.
-
-    Keyword `options` (e.g. tol=, max_iter=) go to the constructor of a named solver, or
-    replace the matching settings of a given one (None values are ignored). Shared by
-    `solvers.get` and `linalg.get`.
-    """
-    kind = f"{base.__module__}.{base.__name__}"
-    if isinstance(identifier, base):
-        return identifier.with_options(**options)
-    if isinstance(identifier, str):
-        key = identifier.lower()
-        if key not in registry:
-            raise ValueError(
-                f"Unknown {argument}. Expected one of {sorted(registry)} or a {kind}. "
-                f"Received: {argument}={identifier!r}"
-            )
-        return registry[key](**{k: v for k, v in options.items() if v is not None})
-    if isinstance(identifier, dict):
-        solver = keras.saving.deserialize_keras_object(identifier)
-        if not isinstance(solver, base):
-            raise ValueError(f"The config does not describe a {kind}. Received: {identifier!r}")
-        return solver.with_options(**options)
-    raise ValueError(
-        f"`{argument}` must be a name, a config dict or a {kind}. "
-        f"Received: {argument}={identifier!r}"
-    )
-
-
 def get(identifier, **options) -> Solver:
     """Returns a forward solver from a name, a config dict or a `Solver` instance.
 
     Keyword `options` (e.g. tol=, max_iter=) are passed to the constructor of a named
     solver, or replace the matching settings of a given instance (None is ignored).
     """
-    return resolve(identifier, options, registry=_SOLVERS, base=Solver, argument="solver")
-
-
-def serialize(solver: Solver) -> dict:
-    return keras.saving.serialize_keras_object(solver)
+    return _REGISTRY.get(identifier, options)
 
 
 __all__ = [

@@ -1,8 +1,7 @@
-"""Failure policies, bad inputs, per-row isolation, precision, statistics, serialization."""
+"""Failure policies, bad inputs, per-row isolation, precision, statistics."""
 
 import warnings
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -288,82 +287,3 @@ def test_custom_solver_stats_report_unknown_iterations():
     _, stats = solve(tf.zeros_like(x), x)
     np.testing.assert_array_equal(stats.iterations.numpy(), -1)
     assert stats.converged.numpy().all()
-
-
-# ------------------------------------------------------------ solver objects & config
-
-
-@pytest.mark.parametrize(
-    "solver",
-    [
-        ki.solvers.Anderson(memory=3, beta=0.5, tol=1e-7),
-        ki.solvers.Broyden(memory=7),
-        ki.solvers.FixedPointIteration(damping=0.5, max_iter=20),
-        ki.solvers.LBFGS(memory=4),
-        ki.linalg.GMRES(restart=5, ridge=1e-3),
-        ki.linalg.CG(tol=1e-9),
-        ki.linalg.BiCGStab(),
-        ki.linalg.Neumann(max_iter=5),
-        ki.linalg.Broyden(memory=3),
-        ki.linalg.Dense(),
-    ],
-)
-def test_solvers_serialize(solver):
-    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(solver))
-    assert type(restored) is type(solver)
-    assert restored.get_config() == solver.get_config()
-
-
-def test_get_accepts_names_objects_and_overrides():
-    anderson = ki.solvers.get("anderson", tol=1e-3)
-    assert isinstance(anderson, ki.solvers.Anderson) and anderson.tol == 1e-3
-    custom = ki.solvers.Anderson(memory=9)
-    overridden = ki.solvers.get(custom, max_iter=7)
-    assert overridden.memory == 9 and overridden.max_iter == 7 and custom.max_iter == 100
-    assert ki.solvers.get(custom) is custom
-    assert isinstance(ki.linalg.get("GMRES"), ki.linalg.GMRES)
-    config = keras.saving.serialize_keras_object(ki.linalg.GMRES(restart=4))
-    assert ki.linalg.get(config).restart == 4
-    with pytest.raises(ValueError, match="Received: memory=0"):
-        ki.solvers.Anderson(memory=0)
-    with pytest.raises(ValueError, match="Received: damping=1.5"):
-        ki.solvers.FixedPointIteration(damping=1.5)
-
-
-# ------------------------------------------------------------------- linear solvers
-
-
-@pytest.mark.parametrize("name", ["cg", "gmres", "bicgstab", "neumann", "broyden", "dense"])
-def test_linear_solvers_match_numpy(name):
-    rng = np.random.default_rng(11)
-    batch, dim = 3, 12
-    jac = rng.normal(size=(batch, dim, dim))
-    jac = 0.7 * jac / np.linalg.norm(jac, 2, axis=(1, 2))[:, None, None]
-    matrix = np.eye(dim) - jac
-    if name == "cg":
-        matrix = matrix @ np.transpose(matrix, (0, 2, 1))
-    b = rng.normal(size=(batch, dim))
-    b[1] = 0.0  # a zero right-hand side converges at once to zero
-    ridge = 0.1 if name != "neumann" else 0.0
-    m_t = tf.constant(matrix)
-    x, stats = ki.linalg.get(name, tol=1e-11, max_iter=400, ridge=ridge)(
-        lambda v: tf.einsum("bij,bj->bi", m_t, v), tf.constant(b)
-    )
-    expected = np.linalg.solve(matrix + ridge * np.eye(dim), b[..., None])[..., 0]
-    np.testing.assert_allclose(x.numpy(), expected, atol=1e-8)
-    assert stats.converged.numpy().all() and stats.iterations.numpy()[1] == (
-        dim if name == "dense" else 0
-    )
-
-
-def test_linear_solver_reports_non_convergence_and_unbatched_input():
-    matrix = tf.constant(np.diag(np.linspace(1, 100, 30)))
-    b = tf.ones([30], tf.float64)
-    x, stats = ki.linalg.solve_cg(lambda v: tf.linalg.matvec(matrix, v), b, tol=1e-12, max_iter=3)
-    assert x.shape == (30,) and stats.iterations.numpy() == 3
-    assert not stats.converged.numpy() and stats.residual.numpy() > 1e-12
-    singular = tf.zeros([2, 2, 2], tf.float64)
-    _, stats = ki.linalg.solve_dense(
-        lambda v: tf.einsum("bij,bj->bi", singular, v), tf.ones([2, 2], tf.float64)
-    )
-    assert not stats.converged.numpy().any()

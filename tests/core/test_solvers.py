@@ -1,0 +1,163 @@
+"""ki.solvers: each forward solver against numpy / scipy solutions; the shared registry."""
+
+import ast
+import pathlib
+
+import keras
+import numpy as np
+import pytest
+import scipy.linalg
+import tensorflow as tf
+
+import keras_implicit as ki
+from keras_implicit import _validation
+
+FIXED_POINT = ("fixed_point_iteration", "anderson", "broyden")
+
+
+def _linear_contraction(seed, batch=4, dim=10, radius=0.8):
+    """T(z) = J z + c per row (nonsymmetric J, ||J|| = radius); fixed point (I - J)^-1 c."""
+    rng = np.random.default_rng(seed)
+    jac = rng.normal(size=(batch, dim, dim))
+    jac = radius * jac / np.linalg.norm(jac, 2, axis=(1, 2))[:, None, None]
+    c = rng.normal(size=(batch, dim))
+    solution = np.stack([scipy.linalg.solve(np.eye(dim) - j, v) for j, v in zip(jac, c)])
+    j_t = tf.constant(jac)
+    return (lambda z, c: tf.einsum("bij,bj->bi", j_t, z) + c), c, solution
+
+
+@pytest.mark.parametrize("name", FIXED_POINT)
+def test_fixed_point_solvers_match_a_dense_solve(name):
+    fn, c, solution = _linear_contraction(0)
+    c_t = tf.constant(c)
+    solver = ki.solvers.get(name, tol=1e-11, max_iter=500)
+    z, stats = solver.solve_fixed_point(lambda z: fn(z, c_t), tf.zeros_like(c_t))
+    np.testing.assert_allclose(z.numpy(), solution, rtol=1e-8, atol=1e-9)
+    assert stats.converged.numpy().all()
+    np.testing.assert_array_less(stats.residual.numpy(), 1e-11)
+
+
+@pytest.mark.parametrize("name", FIXED_POINT)
+def test_rows_converge_independently(name):
+    """A row started at its fixed point stops at once; a NaN row is
+    reported and leaves the other rows exactly as solved without it."""
+    fn, c, solution = _linear_contraction(1)
+    z0 = np.zeros_like(c)
+    z0[0] = solution[0]
+    c[3, 0] = np.nan
+    solver = ki.solvers.get(name, tol=1e-9, max_iter=300)
+    z, stats = solver.solve_fixed_point(lambda z: fn(z, tf.constant(c)), tf.constant(z0))
+    iterations = stats.iterations.numpy()
+    # Broyden evaluates its start before iterating: a converged start takes 0 iterations
+    assert iterations[0] == (0 if name == "broyden" else 1) and (iterations[1:3] > 5).all()
+    np.testing.assert_array_equal(stats.converged.numpy(), [True, True, True, False])
+    np.testing.assert_allclose(z.numpy()[:3], solution[:3], atol=1e-7)
+    finite = c.copy()
+    finite[3] = c[2]
+    alone, _ = solver.solve_fixed_point(lambda z: fn(z, tf.constant(finite)), tf.constant(z0))
+    np.testing.assert_array_equal(z.numpy()[:3], alone.numpy()[:3])
+
+
+def test_broyden_solves_a_nonsymmetric_root_problem():
+    rng = np.random.default_rng(2)
+    a = np.eye(12) + 0.3 * rng.normal(size=(3, 12, 12)) / np.sqrt(12)
+    b = rng.normal(size=(3, 12))
+    a_t, b_t = tf.constant(a), tf.constant(b)
+    y, stats = ki.solvers.Broyden(tol=1e-11, max_iter=200).solve_root(
+        lambda y: tf.einsum("bij,bj->bi", a_t, y) - b_t, tf.zeros_like(b_t)
+    )
+    expected = np.stack([scipy.linalg.solve(m, v) for m, v in zip(a, b)])
+    np.testing.assert_allclose(y.numpy(), expected, rtol=1e-8, atol=1e-9)
+    assert stats.converged.numpy().all()
+
+
+def test_lbfgs_minimizes_a_quadratic():
+    rng = np.random.default_rng(3)
+    q, _ = np.linalg.qr(rng.normal(size=(2, 8, 8)))
+    hessian = np.einsum("bij,j,bkj->bik", q, np.linspace(1.0, 20.0, 8), q)
+    g = rng.normal(size=(2, 8))
+    h_t, g_t = tf.constant(hessian), tf.constant(g)
+
+    def value_and_gradient(x):
+        hx = tf.einsum("bij,bj->bi", h_t, x)
+        return tf.reduce_sum(0.5 * x * hx - g_t * x, -1), hx - g_t
+
+    x, stats = ki.solvers.LBFGS(tol=1e-10, max_iter=200).minimize(
+        value_and_gradient, tf.zeros_like(g_t)
+    )
+    expected = np.stack([scipy.linalg.solve(m, v, assume_a="pos") for m, v in zip(hessian, g)])
+    np.testing.assert_allclose(x.numpy(), expected, rtol=1e-7, atol=1e-8)
+    assert stats.converged.numpy().all()
+
+
+@pytest.mark.parametrize(
+    "solver",
+    [
+        ki.solvers.Anderson(memory=3, beta=0.5, tol=1e-7),
+        ki.solvers.Broyden(memory=7),
+        ki.solvers.FixedPointIteration(damping=0.5, max_iter=20),
+        ki.solvers.LBFGS(memory=4),
+        ki.linalg.GMRES(restart=5, ridge=1e-3),
+        ki.linalg.CG(tol=1e-9),
+        ki.linalg.BiCGStab(),
+        ki.linalg.Neumann(max_iter=5),
+        ki.linalg.Broyden(memory=3),
+        ki.linalg.Dense(),
+    ],
+)
+def test_solvers_serialize(solver):
+    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(solver))
+    assert type(restored) is type(solver)
+    assert restored.get_config() == solver.get_config()
+
+
+def test_get_accepts_names_objects_and_overrides():
+    anderson = ki.solvers.get("anderson", tol=1e-3)
+    assert isinstance(anderson, ki.solvers.Anderson) and anderson.tol == 1e-3
+    custom = ki.solvers.Anderson(memory=9)
+    overridden = ki.solvers.get(custom, max_iter=7)
+    assert overridden.memory == 9 and overridden.max_iter == 7 and custom.max_iter == 100
+    assert ki.solvers.get(custom) is custom
+    assert isinstance(ki.linalg.get("GMRES"), ki.linalg.GMRES)
+    config = keras.saving.serialize_keras_object(ki.linalg.GMRES(restart=4))
+    assert ki.linalg.get(config).restart == 4
+    with pytest.raises(ValueError, match="Received: memory=0"):
+        ki.solvers.Anderson(memory=0)
+    with pytest.raises(ValueError, match="Received: damping=1.5"):
+        ki.solvers.FixedPointIteration(damping=1.5)
+
+
+@pytest.mark.parametrize("alias", ["fixed_point", "picard", "FIXED_POINT_ITERATION"])
+def test_aliases_and_round_trip_through_get(alias):
+    solver = ki.solvers.get(alias, tol=1e-4, damping=0.5)
+    assert isinstance(solver, ki.solvers.FixedPointIteration) and solver.damping == 0.5
+    restored = ki.solvers.get(ki.solvers.serialize(solver))
+    assert restored.get_config() == solver.get_config()
+    assert repr(restored) == repr(solver)
+    with pytest.raises(ValueError, match="Received: solver='newton'"):
+        ki.solvers.get("newton")
+    with pytest.raises(ValueError, match="does not describe"):
+        ki.solvers.get(keras.saving.serialize_keras_object(ki.linalg.CG()))
+
+
+def test_settings_are_validated_once_per_solver_not_per_solve(monkeypatch):
+    solver = ki.solvers.Anderson(tol=1e-8)
+    calls = []
+    for check in ("non_negative_float", "positive_int", "float_in_range"):
+        original = getattr(_validation, check)
+        monkeypatch.setattr(
+            _validation, check, lambda *a, _f=original, **k: calls.append(a[0]) or _f(*a, **k)
+        )
+    z, _ = solver.solve_fixed_point(lambda z: 0.5 * z + 1.0, tf.zeros([2, 3], tf.float64))
+    np.testing.assert_allclose(z.numpy(), 2.0, rtol=1e-7)
+    assert calls == []
+
+
+def test_solvers_do_not_import_the_linear_solvers():
+    source = pathlib.Path(ki.solvers.__file__).read_text()
+    imported = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom):
+            imported.add(node.module)
+            imported.update(f"{node.module}.{alias.name}" for alias in node.names)
+    assert not any("linalg" in name for name in imported), imported
