@@ -75,6 +75,7 @@ def _segment_point(x, lo, hi, w, target):
     return point, left, right
 
 
+@tf.autograph.experimental.do_not_convert  # no Python control flow on tensors
 def projection_box_section(x, lower, upper, w, c=0.0):
     """Projection onto the box section {y : lower <= y <= upper, w^T y = c}.
 
@@ -89,11 +90,12 @@ def projection_box_section(x, lower, upper, w, c=0.0):
 
     Returns:
       Tensor like `x`. Rows where the section is empty (c outside the range of
-      `w^T y` over the box) are NaN. Gradient: with F the coordinates strictly
-      between their bounds, y_F = x_F - tau w_F and the others sit on their bound;
-      exact derivatives of that solution w.r.t. `x`, the bounds, `w` and `c` (a
-      coordinate exactly on a bound counts as on the bound, unless no coordinate is
-      free: then those at a bound with w_i != 0 are taken as free).
+      `w^T y` over the box) and rows with a NaN or infinite entry are NaN.
+      Gradient: with F the coordinates strictly between their bounds,
+      y_F = x_F - tau w_F and the others sit on their bound; exact derivatives of
+      that solution w.r.t. `x`, the bounds, `w` and `c` (a coordinate exactly on a
+      bound counts as on the bound, unless no coordinate is free: then those at a
+      bound with w_i != 0 are taken as free).
     """
     with tf.name_scope("projection_box_section"):
         x, original = cm.upcast_half(cm.as_float_tensor(x))
@@ -136,7 +138,9 @@ def _box_section(x, lo, hi, w, target):
         * (cm.sum_last(tf.abs(ws * fixed_value)) + tf.abs(target))
     )
     empty = tf.logical_and(no_free, tf.stop_gradient(tf.abs(g) > slack))
-    feasible = ok & tf.math.is_finite(tau) & tf.logical_not(empty)
+    # Like the other row-coupled ops, a row with a NaN or infinite entry is NaN.
+    finite_row = tf.reduce_all(tf.math.is_finite(xs), axis=-1, keepdims=True)
+    feasible = ok & tf.math.is_finite(tau) & tf.logical_not(empty) & finite_row
     return tf.where(feasible, y, tf.fill(tf.shape(y), tf.constant(np.nan, y.dtype)))
 
 

@@ -35,7 +35,8 @@ from keras_implicit.ops.simplex import _simplex_solve, projection_simplex
 __all__ = ["projection_birkhoff", "projection_transport"]
 
 _DIVERGENCES = ("euclidean", "kl")
-_LINE_SEARCH_STEPS = 30
+# candidate step sizes of the line search
+_STEPS = 0.5 ** np.arange(10)
 
 
 def _columns(alpha, x, b, divergence, differentiable=True):
@@ -82,19 +83,25 @@ def _newton_direction(residual, t):
 
 
 def _line_search(alpha, d, h0, slope, x, a, b):
-    """Backtracking (Armijo) step sizes per row along the Newton direction d."""
+    """Largest step 2^-j along d meeting Armijo's condition (all candidates in one pass).
 
-    def body(i, step, accepted):
-        _, t = _residual(alpha + step[:, None] * d, x, a, b, "euclidean", False)
-        h = _semi_dual(alpha + step[:, None] * d, t, x, a)
-        accepted = accepted | (h <= h0 + 1e-4 * step * slope) | ~tf.math.is_finite(h0)
-        return i + 1, tf.where(accepted, step, 0.5 * step), accepted
-
-    def cond(i, step, accepted):
-        return (i < _LINE_SEARCH_STEPS) & ~tf.reduce_all(accepted)
-
-    start = (0, tf.ones_like(h0), tf.zeros_like(h0, tf.bool))
-    return tf.while_loop(cond, body, start)[1]
+    Returns the new alpha with its residual and plan, so the loop needs no extra
+    evaluation (one simplex solve per Newton step keeps the traced graph small).
+    """
+    steps = tf.constant(_STEPS, alpha.dtype)
+    count = len(_STEPS)
+    rows, m = tf.shape(x)[0], tf.shape(x)[1]
+    cand = tf.reshape(alpha[:, None, :] + steps[None, :, None] * d[:, None, :], [-1, m])
+    xr, ar, br = (tf.repeat(v, count, axis=0) for v in (x, a, b))
+    res, t = _residual(cand, xr, ar, br, "euclidean", False)
+    h = tf.reshape(_semi_dual(cand, t, xr, ar), [rows, count])
+    ok = h <= h0[:, None] + 1e-4 * steps[None, :] * slope[:, None]
+    # the first acceptable step, else the smallest one
+    first = tf.where(
+        tf.reduce_any(ok, axis=-1), tf.argmax(tf.cast(ok, tf.int32), axis=-1), count - 1
+    )
+    index = tf.range(rows, dtype=first.dtype) * count + first
+    return tf.gather(cand, index), tf.gather(res, index), tf.gather(t, index)
 
 
 @c.graph_when_eager  # the Newton loop is slow as eager ops
@@ -102,19 +109,29 @@ def _euclidean_solve(alpha, x, a, b, tol, max_iter):
     """Semismooth Newton on the Euclidean semi-dual; returns the row potentials."""
     scale = tf.maximum(tf.reduce_max(tf.abs(a), axis=-1), tf.reduce_max(tf.abs(b), axis=-1))
 
-    def body(i, alpha):
-        res, t = _residual(alpha, x, a, b, "euclidean", False)
+    def finished(res):
+        worst = tf.reduce_max(tf.abs(res), axis=-1)
+        # rows with a non-finite entry cannot converge and must not hold the loop
+        stuck = ~tf.math.is_finite(worst) | ~tf.math.is_finite(scale)
+        return (worst <= tol * scale) | stuck
+
+    def body(i, alpha, res, t):
         d = _newton_direction(res, t)
         h = _semi_dual(alpha, t, x, a)
-        step = _line_search(alpha, d, h, tf.reduce_sum(res * d, axis=-1), x, a, b)
-        return i + 1, alpha + step[:, None] * d
+        new = _line_search(alpha, d, h, tf.reduce_sum(res * d, axis=-1), x, a, b)
+        # finished rows stay as they are: a row's result does not depend on its batch
+        done = finished(res)
+        alpha, res, t = (
+            tf.where(tf.reshape(done, [-1] + [1] * (v.shape.rank - 1)), v, w)
+            for v, w in zip((alpha, res, t), new)
+        )
+        return i + 1, alpha, res, t
 
-    def cond(i, alpha):
-        res, _ = _residual(alpha, x, a, b, "euclidean", False)
-        converged = tf.reduce_max(tf.abs(res), axis=-1) <= tol * scale
-        return (i < max_iter) & ~tf.reduce_all(converged | ~tf.math.is_finite(scale))
+    def cond(i, alpha, res, t):
+        return (i < max_iter) & ~tf.reduce_all(finished(res))
 
-    return tf.while_loop(cond, body, (0, alpha))[1]
+    res, t = _residual(alpha, x, a, b, "euclidean", False)
+    return tf.while_loop(cond, body, (0, alpha, res, t))[1]
 
 
 @c.graph_when_eager  # Sinkhorn's loop is slow as eager ops
@@ -125,16 +142,22 @@ def _sinkhorn_solve(f, x, a, b, tol, max_iter):
     def col_potential(f):
         return log_b - tf.reduce_logsumexp(x + f[:, :, None], axis=-2)
 
-    def body(i, f, _):
-        f = log_a - tf.reduce_logsumexp(x + col_potential(f)[:, None, :], axis=-1)
+    def body(i, f, err):
+        # finished rows stay as they are: a row's result does not depend on its batch
+        active = err > tol
+        f_new = log_a - tf.reduce_logsumexp(x + col_potential(f)[:, None, :], axis=-1)
+        f = tf.where(active[:, None], f_new, f)
         plan = tf.exp(x + f[:, :, None] + col_potential(f)[:, None, :])
-        err = tf.reduce_sum(tf.abs(tf.reduce_sum(plan, axis=-1) - a), axis=-1)
-        return i + 1, f, tf.reduce_max(err / tf.reduce_sum(a, axis=-1))
+        new_err = tf.reduce_sum(tf.abs(tf.reduce_sum(plan, axis=-1) - a), axis=-1)
+        new_err /= tf.reduce_sum(a, axis=-1)
+        # rows with a non-finite entry cannot converge and must not hold the loop
+        new_err = tf.where(tf.math.is_finite(new_err), new_err, tf.zeros_like(new_err))
+        return i + 1, f, tf.where(active, new_err, err)
 
     def cond(i, f, err):
-        return (i < max_iter) & (err > tol)
+        return (i < max_iter) & tf.reduce_any(err > tol)
 
-    start = (0, f, tf.constant(np.inf, x.dtype))
+    start = (0, f, tf.fill(tf.shape(f)[:1], tf.constant(np.inf, x.dtype)))
     f = tf.while_loop(cond, body, start)[1]
     return f - tf.reduce_mean(f, axis=-1, keepdims=True)
 
@@ -158,6 +181,9 @@ def _flatten(x, a, b):
     return x, a, b, batch
 
 
+# Plain TF code without Python control flow on tensors: autograph would only spend
+# seconds converting the solver and the implicit-gradient machinery.
+@tf.autograph.experimental.do_not_convert
 def projection_transport(
     x,
     a,
@@ -191,9 +217,11 @@ def projection_transport(
 
     Returns:
       Tensor like `x`: its columns sum to `b` exactly (closed form) and its rows to
-      `a` to `tol`. Gradients w.r.t. `x`, `a` and `b` by implicit differentiation;
-      at ties (an entry exactly at its column's threshold) the Euclidean Jacobian
-      treats the entry as zero, as `projection_simplex` does.
+      `a` to `tol`. A matrix with a NaN or infinite entry gives a NaN matrix (the
+      other matrices of the batch are unaffected). Gradients w.r.t. `x`, `a` and
+      `b` by implicit differentiation; at ties (an entry exactly at its column's
+      threshold) the Euclidean Jacobian treats the entry as zero, as
+      `projection_simplex` does.
     """
     with tf.name_scope("projection_transport"):
         if divergence not in _DIVERGENCES:
@@ -238,6 +266,9 @@ def projection_transport(
         )(solver)
         alpha = solve(tf.zeros_like(af), xf, af, bf)
         t = _columns(alpha, xf, bf, divergence)
+        # a matrix with a NaN or infinite entry has no defined projection: all NaN
+        finite = tf.reduce_all(tf.math.is_finite(xf), axis=[-2, -1])[:, None, None]
+        t = tf.where(finite, t, tf.fill(tf.shape(t), tf.constant(np.nan, t.dtype)))
         return c.restore_dtype(tf.reshape(t, out_shape), original)
 
 
@@ -260,6 +291,7 @@ def _check_masses(a, b):
         )
 
 
+@tf.autograph.experimental.do_not_convert
 def projection_birkhoff(x, divergence="euclidean", **kwargs):
     """Projection onto the Birkhoff polytope (doubly stochastic matrices).
 

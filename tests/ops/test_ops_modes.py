@@ -10,6 +10,9 @@ import keras_implicit.ops as ops
 RNG = np.random.default_rng(21)
 A_VEC = np.array([1.0, -2.0, 0.5, 0.3, 1.5])
 A_MAT = np.array([[1.0, 2.0, 0.0, -1.0, 0.5], [0.0, 1.0, 1.0, 1.0, -2.0]])
+# transport marginals: rows MARG_A, columns p * MARG_B (equal masses at p = 1.5)
+MARG_A = np.array([0.5, 1.5, 1.0])
+MARG_B = np.array([0.25, 0.75, 0.5, 0.5])
 
 # name -> (fn(x, p), sample shape of one x row, parameter value p or None)
 OPS = {
@@ -33,6 +36,15 @@ OPS = {
     "prox_group_lasso": (lambda x, p: ops.prox_group_lasso(x, p), (5,), 1.2),
     "prox_ridge": (lambda x, p: ops.prox_ridge(x, p), (5,), 0.6),
     "prox_non_negative_lasso": (lambda x, p: ops.prox_non_negative_lasso(x, p), (5,), 0.2),
+    "prox_non_negative_ridge": (lambda x, p: ops.prox_non_negative_ridge(x, p), (5,), 0.6),
+    "box_section": (lambda x, p: ops.projection_box_section(x, -1.0, 1.0, A_VEC, p), (5,), 0.4),
+    "sparse_simplex": (lambda x, p: ops.projection_sparse_simplex(x, 3, p), (5,), 1.3),
+    "transport": (lambda x, p: ops.projection_transport(x, MARG_A, p * MARG_B), (3, 4), 1.5),
+    "transport_kl": (
+        lambda x, p: ops.projection_transport(x, MARG_A, p * MARG_B, divergence="kl"),
+        (3, 4),
+        1.5,
+    ),
 }
 
 
@@ -52,7 +64,7 @@ def _value_and_grads(fn, x, p, w):
 # sizes through one dynamic-batch trace. The others compile once (at batch 3) from
 # the same kind of trace, which keeps the suite fast (the exp cone's XLA compile is
 # the slowest of all; it runs at a second batch size in test_ops_exp_cone.py).
-_TWO_SIZES_UNDER_XLA = {"simplex", "l1_ball", "psd_cone"}
+_TWO_SIZES_UNDER_XLA = {"simplex", "l1_ball", "psd_cone", "box_section"}
 # Ops with a hand-written (tf.custom_gradient) derivative. For the others the
 # gradient is TF's own autodiff, so in plain graph mode only values are compared
 # (their gradients are still compared under XLA, which also runs in graph mode).
@@ -64,6 +76,9 @@ _CUSTOM_GRADIENT = {
     "second_order_cone",
     "psd_cone",
     "exp_cone",
+    "sparse_simplex",
+    "transport",
+    "transport_kl",
 }
 
 
@@ -134,6 +149,7 @@ def test_nan_row_does_not_leak(name):
         "prox_elastic_net",
         "prox_ridge",
         "prox_non_negative_lasso",
+        "prox_non_negative_ridge",
     ):
         # Row-coupled ops: the whole row becomes NaN rather than plausible garbage.
         assert np.all(np.isnan(dirty[1]))
@@ -152,6 +168,10 @@ _ROW_NAN_ON_INF = {
     "l2_sphere",
     "psd_cone",
     "exp_cone",
+    "box_section",
+    "sparse_simplex",
+    "transport",
+    "transport_kl",
 }
 
 
