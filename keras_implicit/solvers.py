@@ -74,33 +74,62 @@ class FixedPointIteration(Solver):
     Args:
         damping: in (0, 1]; 1 is plain Picard iteration. Damping below 1 converges for
             nonexpansive (not only contractive) maps.
+        check_every: evaluate the residual, keep the best iterate and test convergence
+            at every `check_every`-th evaluation (and at the last); the evaluations in
+            between are plain steps. 1 checks every iterate. Larger values make the
+            loop cost little more than the map itself, at the price of up to
+            `check_every - 1` evaluations past convergence and of a best iterate chosen
+            among the checked ones.
     """
 
     name = "fixed_point_iteration"
-    _fields = (*Solver._fields, "damping")
+    _fields = (*Solver._fields, "damping", "check_every")
 
-    def __init__(self, tol: float = 1e-5, max_iter: int = 100, damping: float = 1.0):
+    def __init__(
+        self,
+        tol: float = 1e-5,
+        max_iter: int = 100,
+        damping: float = 1.0,
+        check_every: int = 1,
+    ):
         super().__init__(tol=tol, max_iter=max_iter)
         self.damping = _validation.float_in_range("damping", damping, 0.0, 1.0, low_open=True)
+        self.check_every = _validation.positive_int("check_every", check_every)
 
     def solve_fixed_point(self, fixed_point_map, z0):
         with tf.name_scope("fixed_point_iteration"):
             dtype = z0.dtype
             batch = tf.shape(z0)[0]
-            damping = tf.constant(self.damping, dtype)
             tol = tf.constant(self.tol, dtype)
+            max_iter, every = self.max_iter, self.check_every
+
+            def advance(z, tz):
+                return tz if self.damping == 1.0 else z + self.damping * (tz - z)
+
+            def plain_steps(z, count):
+                return while_loop(
+                    lambda i, z: i < count,
+                    lambda i, z: (i + 1, advance(z, fixed_point_map(z))),
+                    (tf.constant(0), z),
+                    maximum_iterations=every - 1,
+                )[1]
 
             def body(iteration, active, z, best, residual, iterations):
+                # a checked evaluation: a row leaves when converged or broken (non-finite);
+                # rows that left keep iterating in z, but their best iterate is final
                 tz = fixed_point_map(z)
-                step = tz - z
-                res = relative_residual(step, z)
+                res = relative_residual(tz - z, z)
                 residual, best = keep_best(active, res, z, residual, best)
-                # a row leaves the loop when converged or broken (non-finite)
-                done = tf.logical_or(res <= tol, tf.logical_not(tf.math.is_finite(res)))
-                move = tf.logical_and(active, tf.logical_not(done))
-                z = freeze(move, z + damping * step, z)
-                iterations = iterations + tf.cast(active, tf.int32)
-                return iteration + 1, move, z, best, residual, iterations
+                iterations = tf.where(active, iteration + 1, iterations)
+                active = active & (res > tol) & tf.math.is_finite(res)
+                z = advance(z, tz)
+                iteration = iteration + 1
+                if every > 1:  # plain steps up to the next check (the last evaluation is one)
+                    count = tf.minimum(every - 1, max_iter - 1 - iteration)
+                    count = tf.where(tf.reduce_any(active), tf.maximum(count, 0), 0)
+                    z = plain_steps(z, count)
+                    iteration = iteration + count
+                return iteration, active, z, best, residual, iterations
 
             state = (
                 tf.constant(0),
@@ -110,9 +139,13 @@ class FixedPointIteration(Solver):
                 no_residual(batch, dtype),
                 tf.zeros([batch], tf.int32),
             )
-            _, _, _, z, residual, iterations = while_active(body, state, self.max_iter)
-            converged = residual <= tol
-            return z, SolverStats(iterations, residual, converged)
+            _, _, _, z, residual, iterations = while_loop(
+                lambda iteration, active, *rest: tf.reduce_any(active) & (iteration < max_iter),
+                body,
+                state,
+                maximum_iterations=max_iter,
+            )
+            return z, SolverStats(iterations, residual, residual <= tol)
 
 
 @_REGISTRY.register()

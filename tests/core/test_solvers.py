@@ -58,6 +58,50 @@ def test_rows_converge_independently(name):
     np.testing.assert_array_equal(z.numpy()[:3], alone.numpy()[:3])
 
 
+@pytest.mark.parametrize("every", [1, 3, 4])
+@pytest.mark.parametrize("max_iter", [1, 2, 10, 11])
+def test_check_every_evaluates_exactly_max_iter_times(every, max_iter):
+    """tol=0: max_iter evaluations, the last one checked, so the answer is the iterate
+    after max_iter - 1 plain steps, as with check_every=1."""
+    w = np.array([[0.5, 0.1], [0.0, 0.3]])
+    calls = []
+
+    def fn(z):
+        calls.append(1)
+        return tf.tanh(z @ tf.constant(w) + 1.0)
+
+    solver = ki.solvers.FixedPointIteration(tol=0.0, max_iter=max_iter, check_every=every)
+    z, stats = solver.solve_fixed_point(fn, tf.zeros([2, 2], tf.float64))
+    expected = np.zeros([2, 2])
+    for _ in range(max_iter - 1):
+        expected = np.tanh(expected @ w + 1.0)
+    assert len(calls) == max_iter
+    np.testing.assert_allclose(z.numpy(), expected, rtol=1e-15)
+    np.testing.assert_array_equal(stats.iterations.numpy(), max_iter)
+
+
+def test_check_every_judges_convergence_at_checks_only():
+    """Rows converge at checked evaluations 1, k + 1, 2k + 1, ...; the returned iterate
+    is the best checked one and its residual the reported one."""
+    fn, c, solution = _linear_contraction(4, radius=0.5)
+    c_t = tf.constant(c)
+    every = 4
+    solver = ki.solvers.FixedPointIteration(tol=1e-9, max_iter=200, check_every=every)
+    solve = tf.function(lambda z0: solver.solve_fixed_point(lambda z: fn(z, c_t), z0))
+    z0 = np.zeros_like(c)
+    z0[0] = solution[0]
+    z, stats = solve(tf.constant(z0))
+    iterations = stats.iterations.numpy()
+    assert iterations[0] == 1 and ((iterations - 1) % every == 0).all()
+    assert stats.converged.numpy().all()
+    step = fn(z, c_t).numpy() - z.numpy()
+    true = np.linalg.norm(step, axis=-1) / (1 + np.linalg.norm(z.numpy(), axis=-1))
+    np.testing.assert_allclose(stats.residual.numpy(), true, rtol=1e-6, atol=1e-15)
+    np.testing.assert_allclose(z.numpy(), solution, atol=1e-8)
+    with pytest.raises(ValueError, match="Received: check_every=0"):
+        ki.solvers.FixedPointIteration(check_every=0)
+
+
 def test_broyden_solves_a_nonsymmetric_root_problem():
     rng = np.random.default_rng(2)
     a = np.eye(12) + 0.3 * rng.normal(size=(3, 12, 12)) / np.sqrt(12)
@@ -96,6 +140,7 @@ def test_lbfgs_minimizes_a_quadratic():
         ki.solvers.Anderson(memory=3, beta=0.5, tol=1e-7),
         ki.solvers.Broyden(memory=7),
         ki.solvers.FixedPointIteration(damping=0.5, max_iter=20),
+        ki.solvers.FixedPointIteration(check_every=4),
         ki.solvers.LBFGS(memory=4),
         ki.linalg.GMRES(restart=5, ridge=1e-3),
         ki.linalg.CG(tol=1e-9),
