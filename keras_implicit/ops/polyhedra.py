@@ -50,7 +50,7 @@ def _segment_point(x, lo, hi, w, target):
     )
 
     def at(index):
-        return tf.gather(bp, tf.minimum(index, size - 1), batch_dims=bp.shape.rank - 1)
+        return tf.gather(bp, tf.minimum(index, size - 1), batch_dims=1)
 
     def body(i, low, high):
         mid = (low + high) // 2
@@ -107,7 +107,11 @@ def projection_box_section(x, lower, upper, w, c=0.0):
         shape = tf.shape(x + lo + hi + w)
         lo, hi, w = (tf.broadcast_to(v, shape) for v in (lo, hi, w))
         x = tf.broadcast_to(x, shape)
-        return cm.restore_dtype(_box_section(x, lo, hi, w, target), original)
+        target = tf.broadcast_to(target, tf.concat([shape[:-1], [1]], 0))
+        # the search works on rows: (rows, n)
+        x, lo, hi, w = (tf.reshape(v, tf.stack([-1, shape[-1]])) for v in (x, lo, hi, w))
+        y = _box_section(x, lo, hi, w, tf.reshape(target, [-1, 1]))
+        return cm.restore_dtype(tf.reshape(y, shape), original)
 
 
 def _box_section(x, lo, hi, w, target):

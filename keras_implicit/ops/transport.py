@@ -264,6 +264,11 @@ def projection_transport(
             batch_dims=1,
             on_failure=on_failure,
         )(solver)
+        # Both projections ignore offsets r_i + c_j of x (the potentials absorb them):
+        # the solvers see x without its row and column means, so that their
+        # objectives and exponentials stay at the scale of x's variation.
+        xf = xf - tf.reduce_mean(xf, axis=-1, keepdims=True)
+        xf = xf - tf.reduce_mean(xf, axis=-2, keepdims=True)
         alpha = solve(tf.zeros_like(af), xf, af, bf)
         t = _columns(alpha, xf, bf, divergence)
         # a matrix with a NaN or infinite entry has no defined projection: all NaN
