@@ -33,6 +33,7 @@ from keras_implicit import _validation as V
 ARMIJO = 1e-4  # sufficient-decrease constant of the line searches
 ALIGNED = 0.9  # cosine above which a gradient counts as pointing along a step
 DECADE = math.log(10.0)  # one decade of a penalty, in log units
+CUBIC_LOW = 0.1  # shortest backtrack, as a fraction of the rejected step
 
 
 class StepPolicy:
@@ -263,21 +264,23 @@ class QuasiNewton(StepPolicy):
     The L-BFGS recursion starts from one curvature per penalty (from the newest pair
     that moved it), so penalties of very different curvature (a sharp l1 valley, a
     flat l2 slope) each take their own Newton step. A step is at most ``max_growth``
-    times longer than the last accepted one (largest change of a log penalty; the
-    direction is kept), and without positive curvature along the last step it grows
-    by ``max_growth`` along the gradient. When the objective increases, the next
-    trial backtracks to the minimizer of the cubic matching the objective and its
-    slope at both ends of the rejected step.
+    times longer than the last accepted one that was no plateau probe (largest change
+    of a log penalty; the direction is kept), and without positive curvature along
+    the last step it grows by ``max_growth`` along the gradient. When the objective
+    increases, the next trial backtracks to the minimizer of the cubic matching the
+    objective and its slope at both ends of the rejected step.
 
     Plateau probe: when some derivatives become exactly zero on an accepted step (a
     penalty that switched off all of its features), a zero derivative cannot tell
     whether their minimum lay before the plateau's edge, and no gradient step would
     move them again; the next trial moves only them back to their previous values,
-    and if that is worse the backtracking searches the segment in between.
+    and if that is worse, one backtrack tries the minimizer of the cubic along the
+    probe before the regular quasi-Newton step follows.
     """
 
     name = "quasi_newton"
-    _STATE = (*StepPolicy._STATE, "memory_s", "memory_y", "next_theta", "log_objective")
+    _STATE = (*StepPolicy._STATE, "memory_s", "memory_y", "next_theta", "fallback")
+    _STATE += ("reach", "log_objective")
 
     def __init__(self, start, *, first_step=DECADE, max_growth=3.0, memory=5, **kwargs):
         super().__init__(start, **kwargs)
@@ -287,6 +290,8 @@ class QuasiNewton(StepPolicy):
         self.memory_s = []  # secant pairs, oldest first
         self.memory_y = []
         self.next_theta = None
+        self.fallback = None  # the quasi-Newton step to take if a plateau probe fails
+        self.reach = None  # largest move of the last accepted step that was no probe
         self.log_objective = True
 
     def get_state(self) -> dict:
@@ -327,20 +332,30 @@ class QuasiNewton(StepPolicy):
             self._remember(s, grad_new - grad)
             fraction = _cubic_minimizer(previous, slope, value, float(grad_new @ s))
             self.next_theta = self.theta + fraction * s
+            if self.fallback is not None and (fraction <= CUBIC_LOW or self.backtracks):
+                # A rejected probe gets one backtrack, unless the cubic puts the minimum
+                # at the accepted point (the probe moves only flat penalties: its slope
+                # there is zero and a segment search would crawl); then the regular
+                # quasi-Newton step follows.
+                self.next_theta, self.fallback = self.fallback, None
             self._count_backtrack()
             return False
         curved = self._remember(s, grad_new - grad)
         end_slope = float(grad_new @ s)
         start = self.theta
         self._store(theta, raw_value, raw_grad)
+        if self.fallback is None or self.reach is None:  # not a probe: a step's length
+            self.reach = float(np.max(np.abs(s)))
+        radius = self.max_growth * self.reach
+        self.fallback = None
         if end_slope > 0.0 and _along(grad_new, s) >= ALIGNED:
             # Overshot, and the gradient points back along the step: the cubic through
             # both ends locates the minimum inside it better than the secant.
             self.next_theta = start + _cubic_minimizer(previous, slope, value, end_slope) * s
         elif np.any(flat := (grad_new == 0.0) & (grad != 0.0) & (s != 0.0)):
             self.next_theta = np.where(flat, start, theta)  # the plateau probe
+            self.fallback = self._step(grad_new, radius, curved)
         else:
-            radius = self.max_growth * float(np.max(np.abs(s)))
             self.next_theta = self._step(grad_new, radius, curved)
         return True
 
@@ -498,7 +513,7 @@ def _two_loop(grad, memory_s, memory_y, initial_inverse):
     return q
 
 
-def _cubic_minimizer(f0, slope0, f1, slope1, low=0.1, high=0.9):
+def _cubic_minimizer(f0, slope0, f1, slope1, low=CUBIC_LOW, high=0.9):
     """Minimizer in ``[low, high]`` of the cubic with values ``f0, f1`` and slopes
     ``slope0, slope1`` at 0 and 1 (Nocedal & Wright eq. 3.59); quadratic fallback."""
     z = slope0 + slope1 - 3.0 * (f1 - f0)

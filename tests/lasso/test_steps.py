@@ -107,6 +107,29 @@ def test_quasi_newton_probes_back_from_a_plateau():
     np.testing.assert_allclose(best, [TARGET[0], np.log(0.3)], atol=0.05)
 
 
+def test_quasi_newton_takes_the_regular_step_when_the_probe_fails():
+    # b's minimum is the plateau above the edge, so the probe back is worse. The
+    # value on the plateau varies slightly where the reported derivative is zero (as
+    # with inexact inner solves): a search along the probe's segment would shrink
+    # until the min_step rule stopped the descent with a far from its minimizer.
+    edge = np.log(0.5)
+
+    def function(theta):
+        below = min(theta[1] - edge, 0.0)
+        value = 1.0 + 0.5 * (theta[0] - TARGET[0]) ** 2 + 2.0 * below**2
+        if theta[1] > edge:
+            value -= 1e-3 * theta[1]
+        return value, np.array([theta[0] - TARGET[0], 4.0 * below])
+
+    policy = steps.QuasiNewton(np.log([5.0, 0.1]), patience=20)
+    points = run(policy, function, 30)
+    assert points[1][1] > edge and points[2][1] == points[0][1]  # stepped over, probed
+    best = min(points, key=lambda p: function(p)[0])
+    assert best[0] == pytest.approx(TARGET[0], abs=0.01)
+    assert best[1] > edge
+    assert len(points) <= 10
+
+
 def test_line_search_moves_at_most_max_move():
     policy = steps.LineSearch([0.0], max_move=0.5, learning_rate=10.0)
     points = run(policy, lambda t: (float(0.5 * (t[0] - 3.0) ** 2), t - 3.0), 40)
