@@ -189,7 +189,7 @@ def make_oracle(kind, budget, space, seed):
     hp = keras_tuner.HyperParameters()
     if kind == "hypergradient":
         return ki.tuner.HypergradientOracle(max_trials=budget)
-    if kind == "hypergradient_line_search":  # the previous default policy
+    if kind == "hypergradient_line_search":
         return ki.tuner.HypergradientOracle(max_trials=budget, policy="line_search")
     if kind == "grid":
         # A product grid of log-spaced points per penalty covering the whole range

@@ -1,20 +1,10 @@
 """First-order search of Lasso-type hyperparameters on a log scale (no keras-tuner).
 
-Two optimizers on ``theta = log(penalties)``:
-- ``"line_search"``: gradient descent with a backtracking (Armijo) line search, the
-  approach sparse-ho found robust for these nonsmooth, piecewise-smooth criteria. Each
-  iteration first tries the Barzilai-Borwein step of the last move (the secant of the
-  hypergradient; the previous step doubled where the criterion was not convex along
-  the move) and halves it after each rejected trial. No log penalty moves by more than
-  ``MAX_LOG_MOVE`` per trial, and the search stops once trials would move the
-  penalties by less than ``MIN_LOG_MOVE``. On a 5-fold CV search at p=5000 this
-  reached 1% of LassoCV's best in 3 evaluations instead of 6 (doubling the step after
-  each success overshot twice, once to a penalty 5x too small whose solves alone took
-  3 s), and ended after 8 evaluations instead of 22;
-- ``"adam"``: Adam with a fixed learning rate in log space.
-
-Every criterion evaluation warm-starts the inner solves from the previous solution
-(per fold for ``CrossVal``) and reuses the converted data and Gram blocks.
+``search`` evaluates the criterion and its hypergradient at ``theta = log(penalties)``
+and lets a step policy of ``keras_implicit.lasso.steps`` choose the next point: a
+Barzilai-Borwein line search (the default), quasi-Newton or Adam. Every criterion
+evaluation warm-starts the inner solves from the previous solution (per fold for
+``CrossVal``) and reuses the converted data and Gram blocks.
 """
 
 from __future__ import annotations
@@ -28,6 +18,7 @@ import numpy as np
 
 from keras_implicit import _validation as V
 from keras_implicit.lasso import estimators as est
+from keras_implicit.lasso import steps
 from keras_implicit.lasso._data import as_design_input, as_target
 from keras_implicit.lasso.hypergradient import (
     EmptySupportWarning,
@@ -85,6 +76,7 @@ class _Oracle:
         self.warned = set()
         self.start = time.perf_counter()
         self.best = (np.inf, None)
+        self.best_solution = None  # (coef, intercept) at the best penalties
 
     def __call__(self, theta, iteration):
         self.model.set_log_penalties(theta)
@@ -124,6 +116,9 @@ class _Oracle:
         )
         if value < self.best[0]:
             self.best = (float(value), np.array(theta, dtype=np.float64))
+            coef = getattr(self.model, "coef_", None)  # hypergradient fits the model
+            if coef is not None:
+                self.best_solution = (np.array(coef), float(self.model.intercept_))
         return float(value), grad, info.empty_support
 
 
@@ -143,72 +138,21 @@ def _start_below_alpha_max(oracle, theta):
     return theta, value, grad, empty
 
 
-def _line_search(oracle, theta, value, grad, opts, progbar):
-    step = opts["learning_rate"] or 1.0 / max(float(np.linalg.norm(grad)), 1e-300)
-    best_history = [value]
-    for it in range(1, opts["max_iter"] + 1):
-        sq_norm = float(grad @ grad)
-        if sq_norm == 0.0 or not np.isfinite(sq_norm):
-            return it - 1, "zero gradient"
-        largest = float(np.max(np.abs(grad)))
-        # A long move towards small penalties is the costly mistake (solves there are
-        # the slowest), so no log penalty moves by more than MAX_LOG_MOVE per trial.
-        step = min(step, MAX_LOG_MOVE / largest)
-        accepted = False
-        for _ in range(opts["max_backtracks"]):
-            if step * largest < MIN_LOG_MOVE:
-                return it - 1, "line search steps fell below the penalty resolution"
-            trial = theta - step * grad
-            trial_value, trial_grad, _ = oracle(trial, it)
-            if trial_value <= value - 1e-4 * step * sq_norm:
-                accepted = True
-                break
-            oracle.trace[-1]["accepted"] = False
-            step *= 0.5
-        if not accepted:
-            return it - 1, "line search found no decrease (at a minimum or a kink)"
-        moved, grad_change = trial - theta, trial_grad - grad
-        theta, value, grad = trial, trial_value, trial_grad
-        curvature = float(moved @ grad_change)
-        # Barzilai-Borwein: the step of the secant model along the last move (in one
-        # dimension the secant root of the derivative); doubling where the criterion
-        # is not convex along it.
-        step = float(moved @ moved) / curvature if curvature > 0 else 2.0 * step
-        best_history.append(min(best_history[-1], value))
-        progbar.update(it, [("criterion", value), ("grad_norm", float(np.linalg.norm(grad)))])
-        if _stalled(best_history, opts):
-            return it, "no relative improvement above tol for `patience` iterations"
-    return opts["max_iter"], "max_iter reached"
-
-
-def _adam(oracle, theta, value, grad, opts, progbar):
-    lr = opts["learning_rate"] or 0.2
-    beta1, beta2, eps = 0.9, 0.999, 1e-8
-    m = np.zeros_like(theta)
-    v = np.zeros_like(theta)
-    best_history = [value]
-    for it in range(1, opts["max_iter"] + 1):
-        if not np.any(grad) or not np.all(np.isfinite(grad)):
-            return it - 1, "zero gradient"
-        m = beta1 * m + (1 - beta1) * grad
-        v = beta2 * v + (1 - beta2) * grad**2
-        m_hat = m / (1 - beta1**it)
-        v_hat = v / (1 - beta2**it)
-        theta = theta - lr * m_hat / (np.sqrt(v_hat) + eps)
-        value, grad, _ = oracle(theta, it)
-        best_history.append(min(best_history[-1], value))
-        progbar.update(it, [("criterion", value), ("grad_norm", float(np.linalg.norm(grad)))])
-        if _stalled(best_history, opts):
-            return it, "no relative improvement above tol for `patience` iterations"
-    return opts["max_iter"], "max_iter reached"
-
-
-def _stalled(best_history, opts):
-    patience = opts["patience"]
-    if len(best_history) <= patience:
-        return False
-    old, new = best_history[-patience - 1], best_history[-1]
-    return old - new <= opts["tol"] * abs(old)
+def _descend(policy, oracle, theta, value, grad, max_iter, progbar):
+    """Runs ``policy`` from the evaluated point ``theta`` for at most ``max_iter``
+    accepted moves; returns ``(n_iter, stop_reason)``."""
+    policy.observe(theta, value, grad)
+    while policy.stop_reason is None and policy.n_iter < max_iter:
+        trial = policy.propose()
+        if trial is None:
+            break
+        value, grad, _ = oracle(trial, policy.n_iter + 1)
+        policy.observe(trial, value, grad)
+        oracle.trace[-1]["accepted"] = policy.accepted
+        if policy.accepted:
+            metrics = [("criterion", value), ("grad_norm", float(np.linalg.norm(grad)))]
+            progbar.update(policy.n_iter, metrics)
+    return policy.n_iter, policy.stop_reason or "max_iter reached"
 
 
 def search(
@@ -234,14 +178,22 @@ def search(
         default is ``alpha_max(X, y) / 10``). It is not modified.
       criterion: ``HeldOutMSE``, ``HeldOutLogistic``, ``CrossVal`` or ``SURE``.
       X, y: training data (all the data for ``CrossVal``).
-      optimizer: ``"line_search"`` or ``"adam"``.
-      max_iter: maximum optimizer iterations.
-      learning_rate: initial step in log space (line search: default
-        ``1 / ||gradient||``, a unit move, then Barzilai-Borwein steps; Adam: default
-        0.2).
+      optimizer: the step policy (``keras_implicit.lasso.steps``):
+        ``"line_search"`` (Barzilai-Borwein steps with an Armijo line search; no log
+        penalty moves by more than ``MAX_LOG_MOVE`` per trial), ``"quasi_newton"``
+        (L-BFGS steps on the log of the criterion, a first step of one decade, a
+        probe back from plateaus where a penalty switched all of its features off;
+        fewer evaluations on one or two penalties) or ``"adam"``.
+      max_iter: maximum number of accepted moves.
+      learning_rate: the first step in log space per unit gradient (quasi-Newton:
+        default a move of length log(10); line search: default ``1 / ||gradient||``,
+        a unit move), or Adam's initial learning rate (default 0.2, halved whenever
+        the criterion goes up).
       tol, patience: early stopping when the best criterion improved by less than
-        ``tol`` (relative) over the last ``patience`` iterations.
-      max_backtracks: line-search halvings before giving up.
+        ``tol`` (relative) over the last ``patience`` evaluations. Every optimizer
+        also stops when its next move changes each log penalty by less than
+        ``MIN_LOG_MOVE``.
+      max_backtracks: consecutive rejected trials before giving up.
       refit: fit ``best_model`` on (X, y) with the best penalties.
       verbose: 1 shows a ``keras.utils.Progbar``, 0 is silent.
       **hypergradient_kwargs: ``solver``, ``linear_solver``, ``cholesky_max`` passed
@@ -251,16 +203,19 @@ def search(
       A ``SearchResult`` (best model and penalties, trace, stop reason).
     """
     _check_model(model)
-    V.one_of("optimizer", optimizer, ("line_search", "adam"))
-    opts = {
-        "max_iter": V.positive_int("max_iter", max_iter),
+    V.one_of("optimizer", optimizer, tuple(steps.POLICIES))
+    max_iter = V.positive_int("max_iter", max_iter)
+    settings = {
         "learning_rate": None
         if learning_rate is None
         else V.positive_float("learning_rate", learning_rate),
         "tol": V.non_negative_float("tol", tol),
         "patience": V.positive_int("patience", patience),
         "max_backtracks": V.positive_int("max_backtracks", max_backtracks),
+        "min_step": MIN_LOG_MOVE,
     }
+    if optimizer == "line_search":
+        settings["max_move"] = MAX_LOG_MOVE
     allowed = {"solver", "linear_solver", "cholesky_max"}
     unknown = set(hypergradient_kwargs) - allowed
     if unknown:
@@ -275,22 +230,21 @@ def search(
         working.alphas = np.full(X.shape[1], float(working.alphas))  # one per feature
     oracle = _Oracle(working, criterion, X, y, hypergradient_kwargs)
     progbar = keras.utils.Progbar(
-        opts["max_iter"], verbose=verbose, stateful_metrics=["criterion", "grad_norm"]
+        max_iter, verbose=verbose, stateful_metrics=["criterion", "grad_norm"]
     )
     theta = np.array(working.get_log_penalties(), dtype=np.float64)
     theta, value, grad, empty = _start_below_alpha_max(oracle, theta)
     if empty:
         n_iter, reason = 0, "empty support at every tried penalty"
-    elif optimizer == "line_search":
-        n_iter, reason = _line_search(oracle, theta, value, grad, opts, progbar)
     else:
-        n_iter, reason = _adam(oracle, theta, value, grad, opts, progbar)
+        policy = steps.make_policy(optimizer, theta, **settings)
+        n_iter, reason = _descend(policy, oracle, theta, value, grad, max_iter, progbar)
     if verbose:
-        progbar.update(opts["max_iter"], finalize=True)
+        progbar.update(max_iter, finalize=True)
     best_value, best_theta = oracle.best
     best_model = est.clone(working).set_log_penalties(best_theta)
     if refit:
-        _refit(best_model, oracle.state, X, y)
+        _refit(best_model, oracle.state, X, y, oracle.best_solution)
     return SearchResult(
         best_model=best_model,
         best_penalties=np.exp(best_theta),
@@ -302,19 +256,20 @@ def search(
     )
 
 
-def _refit(model, state, X, y):
+def _refit(model, state, X, y, start):
     """Fits ``model`` on (X, y), reusing what the search already has: the converted
     data when the criterion trained on (X, y) itself (key "main"; cross-validation
-    trains on folds), and the latest solution as the warm start (a refit from zero
-    costs several times a warm solve). The penalties were validated when the search
-    evaluated them."""
+    trains on folds), and ``start``, the solution at the best penalties (on the last
+    fold for cross-validation), as the warm start, refined to ``tol / 100``: a
+    solution to ``tol`` is less accurate than what a fit from zero returns (it ends
+    with an exact solve on its support). The penalties were validated when the
+    search evaluated them."""
     data = state.get(("data", "main"))
     if data is None:
         data = model._prepare(X, y)
-    start = state.get(("solution", "latest"))
     if start is not None and start[0].shape != (data.design.p,):
         start = None
-    model._fit_prepared(data, start)
+    model._fit_prepared(data, start, tol=None if start is None else model.tol / 100)
 
 
 def alpha_max(X, y, fit_intercept=True, loss="squared"):

@@ -18,7 +18,7 @@ from tuner_problems import (
 import keras_implicit as ki
 import keras_implicit.tuner as kit
 
-MAX_ELASTICNET_TRIALS = 8  # measured: 8 (the previous quasi_newton policy: 10)
+MAX_ELASTICNET_TRIALS = 8  # measured: 8
 
 
 @pytest.fixture(scope="module")
