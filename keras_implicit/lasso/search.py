@@ -208,7 +208,7 @@ def search(
     settings = {
         "learning_rate": None
         if learning_rate is None
-        else V.positive_float("learning_rate", learning_rate),
+        else V.positive_finite_float("learning_rate", learning_rate),
         "tol": V.non_negative_float("tol", tol),
         "patience": V.positive_int("patience", patience),
         "max_backtracks": V.positive_int("max_backtracks", max_backtracks),

@@ -139,6 +139,8 @@ def test_search_validation():
         L.search(L.Lasso(), criterion, X, y, optimizer="sgd")
     with pytest.raises(ValueError, match="Received: max_iter=0"):
         L.search(L.Lasso(), criterion, X, y, max_iter=0)
+    with pytest.raises(ValueError, match="Received: learning_rate=inf"):
+        L.search(L.Lasso(), criterion, X, y, learning_rate=float("inf"))
     with pytest.raises(ValueError, match="Unknown arguments"):
         L.search(L.Lasso(), criterion, X, y, foo=1)
 

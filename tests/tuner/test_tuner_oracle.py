@@ -135,6 +135,27 @@ def test_idle_while_the_chain_waits_then_running_then_stopped(tmp_path):
     assert oracle.create_trial("tuner0").status == "STOPPED"  # max_trials reached
 
 
+def test_non_finite_objective_counts_as_a_failed_step(tmp_path):
+    # A trial whose objective is NaN is no result: the next trial goes halfway back
+    # from it towards the last accepted point.
+    oracle = HypergradientOracle(max_trials=4, hyperparameters=toy_space())
+    oracle._set_project_dir(str(tmp_path), "nan")
+    _finish(oracle, oracle.create_trial("tuner0"))
+    second = oracle.create_trial("tuner0")
+    oracle.update_trial(
+        second.trial_id,
+        {"val_criterion": float("nan"), gradient_metric("a"): 0.0, gradient_metric("b"): 0.0},
+    )
+    second.status = "COMPLETED"
+    oracle.end_trial(second)
+    third = oracle.create_trial("tuner0")
+    for name, start in (("a", 5.0), ("b", 0.1)):
+        failed = np.log(second.hyperparameters.get(name))
+        expected = np.log(start) + 0.5 * (failed - np.log(start))
+        assert np.log(third.hyperparameters.get(name)) == pytest.approx(expected, rel=1e-12)
+    assert oracle._chains["tuner0"]["policy"]["backtracks"] == 1
+
+
 def test_state_round_trips_through_get_state(tmp_path):
     oracle = HypergradientOracle(max_trials=5, hyperparameters=toy_space())
     make_tuner(tmp_path, oracle).search(verbose=0)
