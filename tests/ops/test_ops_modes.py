@@ -6,6 +6,7 @@ import tensorflow as tf
 from conftest import run_in_mode
 
 import keras_implicit.ops as ops
+from keras_implicit.ops import _common
 
 RNG = np.random.default_rng(21)
 A_VEC = np.array([1.0, -2.0, 0.5, 0.3, 1.5])
@@ -280,3 +281,84 @@ def test_last_axis_sum_is_a_reduction_where_matmuls_lose_precision(accelerator, 
     assert ("MatMul" in ops_used["float32"]) is not accelerator
     assert ("Sum" in ops_used["float32"]) is accelerator
     assert "MatMul" in ops_used["float64"]
+
+
+# Ops that sum along the last axis (`_common.sum_last`), whose graphs differ between
+# the device branches; the others do not depend on the branch.
+_SUMMING = {
+    "simplex",
+    "sparsemax",
+    "l1_ball",
+    "l1_sphere",
+    "sparse_simplex",
+    "l2_ball",
+    "l2_sphere",
+    "hyperplane",
+    "halfspace",
+    "second_order_cone",
+    "prox_group_lasso",
+    "box_section",
+    "transport",
+}
+_SUMMING_UNDER_XLA = {"simplex", "l2_ball", "box_section"}
+
+
+@pytest.mark.parametrize("name", sorted(_SUMMING))
+def test_accelerator_branch_matches_cpu_branch(name, monkeypatch):
+    """The branch taken where a GPU/TPU is visible, forced on CPU: same values and gradients.
+
+    The CPU branch is the one checked against cvxpy and finite differences everywhere
+    else; here each summing op runs in a traced graph (and some under XLA) with each
+    branch, and the two must agree to rounding.
+    """
+    fn, row_shape, param = OPS[name]
+    p = None if param is None else tf.constant(param, tf.float64)
+    x = tf.constant(RNG.normal(size=(3, *row_shape)))
+    w = tf.constant(RNG.normal(size=(3, *row_shape)))
+    results = {}
+    for branch in ("cpu", "accelerator"):
+        monkeypatch.setattr(_common, "_device_branch_override", branch)
+        graph = tf.function(lambda x, w: _value_and_grads(fn, x, p, w))
+        results[branch] = [np.asarray(v) for v in graph(x, w)]
+        if name in _SUMMING_UNDER_XLA:
+            compiled = tf.function(lambda x, w: _value_and_grads(fn, x, p, w), jit_compile=True)
+            for got, want in zip(compiled(x, w), results[branch]):
+                np.testing.assert_allclose(np.asarray(got), want, rtol=1e-7, atol=1e-9)
+    for got, want in zip(results["accelerator"], results["cpu"]):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("branch", ["cpu", "accelerator"])
+def test_device_branch_override_selects_the_sum(branch, monkeypatch):
+    monkeypatch.setattr(_common, "_device_branch_override", branch)
+    ops_used = {}
+    for dtype in ("float32", "float64"):
+        graph = tf.function(_common.sum_last).get_concrete_function(tf.TensorSpec([None, 5], dtype))
+        ops_used[dtype] = {op.type for op in graph.graph.get_operations()}
+    accelerator = branch == "accelerator"
+    assert ("MatMul" in ops_used["float32"]) is not accelerator
+    assert ("Sum" in ops_used["float32"]) is accelerator
+    assert "MatMul" in ops_used["float64"]  # float64 products are exact on every device
+    # the eager path of the iterative ops keeps one graph per branch
+    x = tf.constant(RNG.normal(size=(2, 5)), tf.float32)
+    np.testing.assert_allclose(np.asarray(ops.projection_simplex(x)).sum(-1), np.ones(2), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "value,expected", [("accelerator", True), ("cpu", False), (" CPU ", False), ("", None)]
+)
+def test_device_branch_environment_variable(value, expected, monkeypatch):
+    monkeypatch.setenv(_common.DEVICE_BRANCH_ENV, value)
+    _common._device_branch_setting.cache_clear()
+    try:
+        if expected is None:  # "auto": follows the visible devices
+            expected = bool(tf.config.list_logical_devices("GPU"))
+        assert _common.accelerator_branch() is expected
+        monkeypatch.setenv(_common.DEVICE_BRANCH_ENV, "tpu")
+        assert _common.accelerator_branch() is expected  # read once per process
+        _common._device_branch_setting.cache_clear()
+        with pytest.raises(ValueError, match=r"Received: KERAS_IMPLICIT_DEVICE_BRANCH='tpu'"):
+            _common.accelerator_branch()
+    finally:
+        monkeypatch.delenv(_common.DEVICE_BRANCH_ENV)
+        _common._device_branch_setting.cache_clear()
