@@ -96,26 +96,32 @@ def morph_frames(x_test, frames, pairs):
 
 
 def warm_start(cell, head, data, frames, pairs):
-    """Mean forward iterations per frame from zeros and from the previous fixed point,
-    and the fraction of frames whose predicted class agrees."""
+    """Forward iterations per frame from zeros and from the previous fixed point, the
+    fraction of converged solves in each mode, and how far the two fixed points are."""
     deq = layers.DEQ(cell, solver="fixed_point", max_iter=100, tol=1e-4, return_state=True)
-    iterations = next(m for m in deq.stat_metrics if m.name.endswith("forward_iterations"))
+    stats = {m.name.split("_forward_")[-1]: m for m in deq.stat_metrics}
     counts = {"cold": [], "warm": []}
-    labels = {"cold": [], "warm": []}
+    converged = {"cold": [], "warm": []}
+    outputs = {"cold": [], "warm": []}
     state = None
     for x in morph_frames(data[1], frames, pairs):
         for mode in ("cold", "warm"):
-            iterations.reset_state()
-            start = state if mode == "warm" else None
-            out, new_state = deq(x, initial_state=start)
-            counts[mode].append(float(iterations.result()))
-            labels[mode].append(np.argmax(head(out).numpy(), -1))
-            if mode == "warm":
-                state = new_state
-    # the first frame starts from zeros in both modes
-    cold, warm = np.mean(counts["cold"][1:]), np.mean(counts["warm"][1:])
-    agree = float(np.mean(np.array(labels["cold"]) == np.array(labels["warm"])))
-    return cold, warm, agree, counts
+            for metric in stats.values():
+                metric.reset_state()
+            out, new_state = deq(x, initial_state=state if mode == "warm" else None)
+            counts[mode].append(float(stats["iterations"].result()))
+            converged[mode].append(float(stats["converged"].result()))
+            outputs[mode].append(head(out).numpy())
+        state = new_state
+    cold, warm = (np.array(outputs[m]) for m in ("cold", "warm"))
+    return {
+        # the first frame starts from zeros in both modes
+        "iterations": {m: float(np.mean(c[1:])) for m, c in counts.items()},
+        "converged": {m: float(np.mean(c)) for m, c in converged.items()},
+        "max_logit_gap": float(np.max(np.abs(cold - warm))),
+        "same_class": float(np.mean(cold.argmax(-1) == warm.argmax(-1))),
+        "counts": counts,
+    }
 
 
 def plot(budgets, accuracies, counts, out):
@@ -176,13 +182,16 @@ def main():
         print(f"  {name:10s} {cells}")
 
     frames, pairs = (5, 8) if args.quick else (20, 100)
-    cold, warm, agree, counts = warm_start(*trained, data, frames, pairs)
+    warm = warm_start(*trained, data, frames, pairs)
+    its, conv = warm["iterations"], warm["converged"]
     print(
-        f"warm start on {pairs} digits morphing over {frames} frames (tol 1e-4): "
-        f"{cold:.1f} forward iterations per frame from zeros, {warm:.1f} from the previous "
-        f"fixed point; predictions agree on {100 * agree:.1f}% of frames"
+        f"warm start on {pairs} digits morphing over {frames} frames (tol 1e-4): forward "
+        f"iterations per frame {its['cold']:.1f} from zeros, {its['warm']:.1f} from the "
+        f"previous fixed point; converged {100 * conv['cold']:.1f}% / {100 * conv['warm']:.1f}%;"
+        f" largest logit gap {warm['max_logit_gap']:.2g}, same class on "
+        f"{100 * warm['same_class']:.1f}% of frames"
     )
-    print(f"figure: {plot(budgets, accuracies, counts, args.out)}")
+    print(f"figure: {plot(budgets, accuracies, warm['counts'], args.out)}")
 
 
 if __name__ == "__main__":
