@@ -14,7 +14,9 @@ path is timed as a baseline) this measures
   - wall time of ``ki.lasso.search`` (line search from alpha_max / 10) until its
     criterion is within 1% of the best grid value, cold (first call in the process,
     XLA compilation included) and warm (kernels compiled);
-  - the hypergradient time against one inner solve (from zero) at the selected alpha;
+  - the hypergradient time against one inner solve (from zero) at the selected alpha,
+    and the restricted solve by conjugate gradient (``linear_solver="cg"``, what
+    supports above ``cholesky_max`` use) against Cholesky: time and relative gap;
   - on a design with unequal feature relevance, the held-out and test error of the
     weighted Lasso (one penalty per feature) against the best single alpha.
 Ratios are printed and written to benchmarks/results/lasso.json and lasso.md
@@ -186,24 +188,35 @@ def hypergradient_vs_solve(X, y, criterion, alpha, repeats=5):
     converted data (``_fit_prepared``, what ``search`` runs). The hypergradient's cost
     inside a search is read from the search's trace (``scenario``).
     """
+    from keras_implicit.lasso import estimators
+
     model = L.Lasso(alpha=alpha)
     model.fit(X, y)  # compile for this working-set size
-    data = model._prepare_checked(X, y)
-    times = {"solve": [], "hypergradient": [], "solve_prepared": []}
+    data = estimators.prepare(model, X, y)
+    times = {"solve": [], "hypergradient": [], "solve_prepared": [], "cg": []}
+    grads = {}
     for _ in range(repeats):
         fresh = L.Lasso(alpha=alpha)
         tic = time.perf_counter()
         fresh.fit(X, y)
         times["solve"].append(time.perf_counter() - tic)
-        tic = time.perf_counter()
-        L.hypergradient(fresh, criterion, X, y, coef=fresh.coef_, intercept=fresh.intercept_)
-        times["hypergradient"].append(time.perf_counter() - tic)
+        solution = {"coef": fresh.coef_, "intercept": fresh.intercept_}
+        for key, linear_solver in (("hypergradient", "auto"), ("cg", "cg")):
+            tic = time.perf_counter()
+            _, grads[key] = L.hypergradient(
+                fresh, criterion, X, y, linear_solver=linear_solver, **solution
+            )
+            times[key].append(time.perf_counter() - tic)
         fresh = L.Lasso(alpha=alpha)
         tic = time.perf_counter()
-        fresh._fit_prepared(data, None)
+        estimators.fit_prepared(fresh, data, None)
         times["solve_prepared"].append(time.perf_counter() - tic)
     out = {key: float(np.median(values)) for key, values in times.items()}
     out["support_size"] = int(np.count_nonzero(fresh.coef_))
+    reference = np.abs(grads["hypergradient"]).max()
+    out["cg_relative_difference"] = float(
+        np.abs(grads["cg"] - grads["hypergradient"]).max() / reference
+    )
     return out
 
 
@@ -279,6 +292,8 @@ def scenario(name, n, p, rho, k, cv_folds, do_cv, grid_search=True, seed=0):
         "hypergradient_in_search_seconds": in_search,
         "ratio": in_search / timing["solve_prepared"],
         "support_size": timing["support_size"],
+        "cg_seconds": timing["cg"],
+        "cg_relative_difference": timing["cg_relative_difference"],
     }
     print(
         f"hypergradient {in_search * 1e3:.1f} ms (median over the search's evaluations, "
@@ -287,7 +302,8 @@ def scenario(name, n, p, rho, k, cv_folds, do_cv, grid_search=True, seed=0):
         f"(ratio {out['hypergradient']['ratio']:.2f}); standalone calls "
         f"{timing['hypergradient'] * 1e3:.1f} ms vs {timing['solve'] * 1e3:.1f} ms "
         f"(ratio {out['hypergradient']['ratio_standalone']:.2f}); "
-        f"|S|={timing['support_size']}"
+        f"|S|={timing['support_size']}; with CG {timing['cg'] * 1e3:.1f} ms "
+        f"(relative difference {timing['cg_relative_difference']:.1e})"
     )
     if do_cv:
         cv_best, cv_time = sklearn_lasso_cv(X_all, y_all, alphas, cv_folds)
@@ -379,11 +395,13 @@ def write(results):
         "speedup cold / warm | speedup vs grid w/o TF cold / warm | "
         "GridSearchCV (s) | speedup vs GridSearchCV cold | "
         "hypergradient / solve in a search (standalone) | LassoCV (s) | "
-        "CV search to 1% (s) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "CV search to 1% (s) | hypergradient Cholesky / CG (ms) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for key, s in results["scenarios"].items():
         cv = s.get("cross_validation", {})
+        hg = s["hypergradient"]
+        cg_ms = 1e3 * hg["cg_seconds"] if "cg_seconds" in hg else None
 
         def fmt(value, digits=2):
             return "n/a" if value is None else f"{value:.{digits}f}"
@@ -402,7 +420,8 @@ def write(results):
             f"{fmt(s['hypergradient']['ratio'])} "
             f"({fmt(s['hypergradient'].get('ratio_standalone'))}) | "
             f"{fmt(cv.get('lassocv_seconds'))} | "
-            f"{fmt(cv.get('search_seconds_to_within_1pct'))} |"
+            f"{fmt(cv.get('search_seconds_to_within_1pct'))} | "
+            f"{fmt(1e3 * hg['hypergradient_seconds'], 0)} / {fmt(cg_ms, 0)} |"
         )
     w = results["weighted"]
     lines += [
@@ -425,6 +444,10 @@ def write(results):
         "inner solve from zero at the selected alpha on converted data; in brackets "
         "standalone public calls (fit, then hypergradient(coef=...), which converts "
         "(X, y) again and computes the given solution's duality gap). "
+        "Hypergradient Cholesky / CG = the standalone call with the restricted system "
+        "solved by Cholesky (the default below cholesky_max=2000) and by conjugate "
+        "gradient (ki.linalg.CG, the default above); the JSON has their relative "
+        "difference. "
         "On this shared machine the large grid took 1.5-2.9 s near idle and 5-8 s at "
         "load 4-6: compare ratios from one run. Speedups = grid time / search time to within "
         "1% of the best grid value.",

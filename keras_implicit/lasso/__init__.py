@@ -1,7 +1,9 @@
 """Lasso-type bilevel problems: exact inner solvers and support-restricted hypergradients.
 
 Estimators (scikit-learn conventions, TensorFlow/XLA inner solver):
-``Lasso``, ``ElasticNet``, ``WeightedLasso``, ``SparseLogisticRegression``.
+``Lasso``, ``ElasticNet``, ``WeightedLasso``, ``SparseLogisticRegression``; the
+squared-loss ones take ``positive=True``, ``fit(X, y, sample_weight)`` and a 2-D y
+(one problem per target) as scikit-learn's Lasso, and so do their hypergradients.
 Criteria: ``HeldOutMSE``, ``HeldOutLogistic``, ``CrossVal``, ``SURE``.
 ``hypergradient(model, criterion, X, y)`` returns the criterion and its gradient with
 respect to the log penalties; ``search(model, criterion, X, y)`` tunes them.

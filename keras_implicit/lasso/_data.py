@@ -137,6 +137,53 @@ def as_target(y, n_samples: int, name: str = "y") -> np.ndarray:
     return y
 
 
+def as_targets(y, n_samples: int, name: str = "y") -> np.ndarray:
+    """Returns ``y`` as float64 of shape (n_samples,) or (n_samples, n_targets).
+
+    A single column (n_samples, 1) becomes 1-D, as in scikit-learn."""
+    if isinstance(y, tf.Tensor | tf.Variable):
+        y = y.numpy()
+    y = _as_float64(y, name)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim not in (1, 2) or (y.ndim == 2 and y.shape[1] == 0):
+        raise ValueError(
+            f"`{name}` must be 1-D (n_samples,) or 2-D (n_samples, n_targets). "
+            f"Received shape {y.shape}."
+        )
+    if y.shape[0] != n_samples:
+        raise ValueError(
+            f"`X` and `{name}` have mismatched numbers of samples: X has {n_samples} rows, "
+            f"{name} has {y.shape[0]} entries."
+        )
+    _check_finite(name, y)
+    return y
+
+
+def as_sample_weight(sample_weight, n_samples: int, name: str = "sample_weight"):
+    """``None``, or the weights as a 1-D float64 array of non-negative finite numbers
+    with a positive sum."""
+    if sample_weight is None:
+        return None
+    if isinstance(sample_weight, tf.Tensor | tf.Variable):
+        sample_weight = sample_weight.numpy()
+    w = _as_float64(sample_weight, name)
+    if w.ndim == 0:
+        w = np.full(n_samples, float(w))
+    if w.shape != (n_samples,):
+        raise ValueError(
+            f"`{name}` must have one entry per sample ({n_samples}). Received shape {w.shape}."
+        )
+    _check_finite(name, w)
+    if np.any(w < 0) or not np.sum(w) > 0:
+        bad = float(w[np.argmin(w)]) if np.any(w < 0) else float(np.sum(w))
+        raise ValueError(
+            f"`{name}` must be non-negative with a positive sum. Received: "
+            + (f"{name} entry {bad!r}" if np.any(w < 0) else f"sum({name})={bad!r}")
+        )
+    return w
+
+
 def check_n_features(X, n_features: int, name: str = "X") -> None:
     if X.shape[1] != n_features:
         raise ValueError(
@@ -171,10 +218,11 @@ class Design:
     """A design matrix, possibly sparse and implicitly column-centered.
 
     All products return float64 tf.Tensors. ``offset`` (length p) is subtracted from
-    every column: ``Xc = X - 1 offset^T``.
+    every column: ``Xc = X - u offset^T``, with ``u`` the vector ``row_scale`` (ones
+    by default; the square roots of sample weights when the rows are weighted).
     """
 
-    def __init__(self, X, offset: np.ndarray | None = None):
+    def __init__(self, X, offset: np.ndarray | None = None, row_scale=None):
         self.is_sparse = sp.issparse(X)
         self.n, self.p = X.shape
         # Host copy for column gathers: scipy CSC, or the transpose of a dense X in
@@ -190,7 +238,11 @@ class Design:
             self._tf = tf.constant(X, dtype=DTYPE)
         self.offset = None if offset is None else np.asarray(offset, dtype=np.float64)
         self._offset_tf = None if offset is None else tf.constant(self.offset, dtype=DTYPE)
+        self.row_scale = None if row_scale is None else np.asarray(row_scale, dtype=np.float64)
+        self._row_scale_tf = None if row_scale is None else tf.constant(self.row_scale, DTYPE)
         self._col_sq_norms = None
+        # The working-set solver's Gram block of its last working set (``_solver``).
+        self.gram_cache = None
 
     # -- construction helpers -------------------------------------------------------
     @classmethod
@@ -199,12 +251,30 @@ class Design:
         return cls.centered(X) if center else cls(X)
 
     @classmethod
-    def centered(cls, X):
-        """Centers dense X explicitly (faster products) and sparse X implicitly."""
-        mean = np.asarray(X.mean(axis=0)).ravel()
+    def centered(cls, X, weights=None):
+        """Centers dense X explicitly (faster products) and sparse X implicitly.
+
+        With ``weights`` (non-negative, summing to n) the mean is the weighted mean
+        and the rows are scaled by ``sqrt(weights)``: ``diag(sqrt w) (X - 1 mean^T)``.
+        Returns ``(design, mean)``."""
+        if weights is None:
+            mean = np.asarray(X.mean(axis=0)).ravel()
+            if sp.issparse(X):
+                return cls(X, offset=mean), mean
+            return cls(X - mean), mean
+        mean = np.asarray(X.T @ weights).ravel() / X.shape[0]
+        root = np.sqrt(weights)
         if sp.issparse(X):
-            return cls(X, offset=mean), mean
-        return cls(X - mean), mean
+            return cls(sp.csc_matrix(sp.diags(root) @ X), offset=mean, row_scale=root), mean
+        return cls(root[:, None] * (X - mean)), mean
+
+    @classmethod
+    def row_scaled(cls, X, weights):
+        """``diag(sqrt weights) X`` (uncentered weighted rows)."""
+        root = np.sqrt(weights)
+        if sp.issparse(X):
+            return cls(sp.csc_matrix(sp.diags(root) @ X))
+        return cls(root[:, None] * X)
 
     # -- products -------------------------------------------------------------------
     def matvec(self, coef) -> tf.Tensor:
@@ -215,7 +285,8 @@ class Design:
         else:
             out = tf.linalg.matvec(self._tf, coef)
         if self._offset_tf is not None:
-            out = out - tf.tensordot(self._offset_tf, coef, 1)
+            shift = tf.tensordot(self._offset_tf, coef, 1)
+            out = out - (shift if self._row_scale_tf is None else shift * self._row_scale_tf)
         return out
 
     def rmatvec(self, r) -> tf.Tensor:
@@ -226,7 +297,12 @@ class Design:
         else:
             out = tf.linalg.matvec(self._tf, r, transpose_a=True)
         if self._offset_tf is not None:
-            out = out - self._offset_tf * tf.reduce_sum(r)
+            total = (
+                tf.reduce_sum(r)
+                if self._row_scale_tf is None
+                else tf.tensordot(self._row_scale_tf, r, 1)
+            )
+            out = out - self._offset_tf * total
         return out
 
     def columns(self, idx) -> tf.Tensor:
@@ -245,7 +321,8 @@ class Design:
         else:
             block = tf.constant(self._np.take(idx, axis=0), dtype=DTYPE)
         if self.offset is not None:
-            block = block - tf.constant(self.offset[idx], dtype=DTYPE)[:, None]
+            shift = tf.constant(self.offset[idx], dtype=DTYPE)[:, None]
+            block = block - (shift if self._row_scale_tf is None else shift * self._row_scale_tf)
         return block
 
     def cross_gram(self, a, b) -> np.ndarray:
@@ -253,7 +330,7 @@ class Design:
 
         Computed by TensorFlow: numpy's BLAS alone is 2x faster on this product, but
         inside a solve its thread pool then contends with TensorFlow's (a chain of
-        three warm solves went from 0.58 to 0.90 s)."""
+        three warm solves takes 1.5x longer)."""
         return tf.matmul(self.columns_as_rows(a), self.columns_as_rows(b), transpose_b=True).numpy()
 
     def max_abs(self) -> float:
@@ -270,8 +347,9 @@ class Design:
             if self.is_sparse:
                 sq = np.asarray(self._np.multiply(self._np).sum(axis=0)).ravel()
                 if self.offset is not None:
-                    s = np.asarray(self._np.sum(axis=0)).ravel()
-                    sq = sq - 2 * self.offset * s + self.n * self.offset**2
+                    u = np.ones(self.n) if self.row_scale is None else self.row_scale
+                    s = np.asarray(self._np.T @ u).ravel()
+                    sq = sq - 2 * self.offset * s + float(u @ u) * self.offset**2
             else:
                 sq = tf.reduce_sum(tf.square(self._tf), axis=0).numpy()
             self._col_sq_norms = np.maximum(sq, 0.0)

@@ -55,7 +55,7 @@ def _inverse_diagonal(H):
     return diag, tf.where(positive, 1.0 / tf.where(positive, diag, 1.0), tf.zeros_like(diag))
 
 
-def cd_epoch(H, grad, beta, alphas, inv_diag, size):
+def cd_epoch(H, grad, beta, alphas, inv_diag, size, lower=None):
     """One cyclic CD epoch from ``beta`` given ``grad = H beta - c``: the XLA kernel
     of the Lasso working-set driver.
 
@@ -68,6 +68,10 @@ def cd_epoch(H, grad, beta, alphas, inv_diag, size):
     ~0.7 s for the five-epoch ``cd_epochs`` on the shared 2-core CPU of this project,
     and the four extra calls per Anderson block cost ~0.2 ms.
 
+    ``lower`` (a scalar: 0 for non-negative coefficients, ``-inf`` for none; None
+    skips the bound) clips every update from below, the proximal step of
+    ``alphas_j b_j`` on ``b_j >= 0``.
+
     ``grad`` is updated with each coordinate change (O(W) per change). Returns
     ``(beta, grad)`` after the epoch.
     """
@@ -76,6 +80,8 @@ def cd_epoch(H, grad, beta, alphas, inv_diag, size):
     def coordinate(j, beta, grad):
         old = beta[j]
         new = soft_threshold(old - grad[j] * inv_diag[j], alphas[j] * inv_diag[j])
+        if lower is not None:
+            new = tf.maximum(new, lower)
         new = tf.where(inv_diag[j] > 0, new, tf.zeros_like(new))
         delta = new - old
 
@@ -138,7 +144,7 @@ def _feasible_scaling(xp, corr, alphas):
     return xp.minimum(xp.min(ratio), 1.0)
 
 
-def quadratic_gap(xtr, yr, rr, beta, alphas, l2, xp=np):
+def quadratic_gap(xtr, yr, rr, beta, alphas, l2, xp=np, positive=False):
     """Duality gap of ``1/(2n)||y - Xb||^2 + sum alphas_j |b_j| + l2/2 ||b||^2``.
 
     Inputs are the sufficient statistics ``xtr = X^T r / n``, ``yr = y^T r / n`` and
@@ -146,14 +152,17 @@ def quadratic_gap(xtr, yr, rr, beta, alphas, l2, xp=np):
     for the augmented-design form of the elastic net (X stacked on sqrt(n l2) I):
     ``D(s) = s yr - s^2/2 (rr + l2 ||b||^2)`` maximized over the s that keep
     ``|X_j^T r / n - l2 b_j| s <= alphas_j``. Unpenalized coordinates
-    (``alphas_j == 0``) are ignored in the scaling. ``xp``: numpy or tf numpy.
+    (``alphas_j == 0``) are ignored in the scaling. With ``positive`` (coefficients
+    constrained to ``b >= 0``) the dual constraint is one-sided,
+    ``(X_j^T r / n - l2 b_j) s <= alphas_j``. ``xp``: numpy or tf numpy.
 
     Returns ``(gap, primal)``.
     """
     # l2 ||b||^2 as ||sqrt(l2) b||^2: ||b||^2 alone overflows for |b| > 1e154, a
     # legitimate solution on tiny X and large y (the ridge is then tiny too).
     ridge = xp.sum(xp.square(xp.sqrt(l2) * beta))
-    s_max = _feasible_scaling(xp, xp.abs(xtr - l2 * beta), alphas)
+    corr = xtr - l2 * beta
+    s_max = _feasible_scaling(xp, xp.maximum(corr, 0.0) if positive else xp.abs(corr), alphas)
     curvature = rr + ridge
     s_opt = xp.where(curvature > 0, yr / xp.where(curvature > 0, curvature, 1.0), s_max)
     s = xp.clip(s_opt, 0.0, s_max)
@@ -167,12 +176,13 @@ def gram_gap(H, c, beta, alphas, yy, l2, xp=np):
     return gram_gap_from_product(xp.matmul(H, beta), c, beta, alphas, yy, l2, xp=xp)
 
 
-def gram_gap_from_product(hb, c, beta, alphas, yy, l2, xp=np):
+def gram_gap_from_product(hb, c, beta, alphas, yy, l2, xp=np, positive=False):
     """``gram_gap`` given ``hb = H beta`` (callers that carry the product skip it)."""
     gram_beta = hb - l2 * beta  # X^T X b / n
     cb = xp.sum(c * beta)
     rr = xp.maximum(yy - 2.0 * cb + xp.sum(beta * gram_beta), 0.0)
-    return quadratic_gap(c - gram_beta, yy - cb, rr, beta, alphas, l2, xp=xp)[0]
+    gap, _ = quadratic_gap(c - gram_beta, yy - cb, rr, beta, alphas, l2, xp=xp, positive=positive)
+    return gap
 
 
 def logistic_gap(xtr_scaled, z, y, mask, n, alphas, beta, xp=np):

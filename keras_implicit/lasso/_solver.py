@@ -9,8 +9,8 @@ Anderson extrapolation, feature-sign steps that solve the support's linear syste
 the signs settle; for the logistic loss the proximal-Newton Hessian and line search).
 Working sets are padded to widths 64 * 4^k, at least 1024 once p > 256, so that XLA
 compiles one shape per search in most cases (each costs ~0.3 s). The Gram block of the
-last working set is cached on the design: warm starts along a hyperparameter search
-share most of it.
+last working set is cached on the design (``Design.gram_cache``): warm starts along a
+hyperparameter search share most of it.
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ MAX_UNCAPPED_WS = 1024  # see _working_set
 # compiles a single width unless a working set outgrows 1024 columns.
 FIRST_WIDTH = 1024
 # Relative tolerances below this are raised to it: duality gaps computed in float64
-# carry rounding of ~1e-16..1e-14 of the objective (a tolerance of 1e-15 ran 100
-# outer iterations on a correlated 80 x 300 design; tol=0 spent 18 s in sub-problems
-# on diabetes before its gap rounded to 0).
+# carry rounding of ~1e-16..1e-14 of the objective, so smaller tolerances are never
+# met and a solve runs to max_iter (e.g. 100 outer iterations at tol=1e-15 on a
+# correlated 80 x 300 design).
 TOL_FLOOR = 10.0 * float(np.finfo(np.float64).eps)
 SUBPROBLEM_GAP_FRACTION = 0.3  # solve working sets to this fraction of the global gap
 MAX_EPOCHS = 20_000
@@ -43,9 +43,9 @@ MAX_NEWTON = 100
 MAX_SIGN_STEPS = 8  # feature-sign steps per CD block, see _sign_pattern_descent
 # Feature-sign steps cost |S|^3 / 3 flops (Cholesky) each, CD epochs size * width
 # coordinate updates; an update costs about 5 flops of a Cholesky factorization (an
-# epoch of 800 coordinates at width 1024 took 0.3 ms, a 420-column Cholesky 1.1-2.6
+# epoch of 800 coordinates at width 1024 takes 0.3 ms, a 420-column Cholesky 1.1-2.6
 # ms). The steps may spend as much as the epochs did: near |S| ~ n (the smallest
-# penalties) an unrationed step cost more than the tens of epochs it saved.
+# penalties) an unrationed step costs more than the tens of epochs it saves.
 CD_UPDATE_COST = 5.0
 SIGN_STEP_SHARE = 1.0
 
@@ -73,11 +73,11 @@ def cd_epoch_xla():
     Traced once for unknown sizes; XLA still compiles it once per padded width. The
     driver calls it once per epoch, so it returns the concrete function: calling it
     skips the polymorphic function's argument binding and signature matching, 0.28 of
-    the 0.61 ms a call took at width 1024."""
+    the 0.61 ms a call takes at width 1024."""
     if "cd_epoch" not in _compiled:
         _compiled["cd_epoch"] = tf.function(
             _kernels.cd_epoch,
-            input_signature=[_MATRIX, _VECTOR, _VECTOR, _VECTOR, _VECTOR, _INT],
+            input_signature=[_MATRIX, _VECTOR, _VECTOR, _VECTOR, _VECTOR, _INT, _SCALAR],
             jit_compile=True,
             autograph=False,
         ).get_concrete_function()
@@ -138,12 +138,11 @@ def _working_set(scores: np.ndarray, support: np.ndarray, previous: int) -> np.n
     ``scores > 1`` marks the features that violate the optimality conditions. The size
     is at least twice the support (celer's rule), and makes room for every violator up
     to four times the support (and the cap below): after a warm start at a much
-    smaller penalty the support grows by hundreds of features, and doubling found them
-    over 4 outer iterations where this takes 2-3 (a search at p=5000 reached 1% of the
-    grid in 0.42 s instead of 0.47 s, at p=20000 in 0.34 s instead of 0.43 s). From
-    an empty support every feature above the penalty violates; the working set then
-    starts at 64 columns and doubles, instead of a 1024-column Gram block five times
-    wider than the support it finds (first solves of a search 25-30 ms faster).
+    smaller penalty the support grows by hundreds of features, which doubling alone
+    finds over 4 outer iterations and this rule over 2-3 (see benchmarks/RESULTS.md).
+    From an empty support every feature above the penalty violates; the working set
+    then starts at 64 columns and doubles, so that the first solves of a search do not
+    build a 1024-column Gram block several times wider than the support they find.
     """
     p = scores.shape[0]
     n_support = int(support.sum())
@@ -200,7 +199,7 @@ class _GramCache:
 
 def cached_gram(design: Design, index: np.ndarray):
     """``Xc_S^T Xc_S / n`` from the design's cached block if it covers ``index``."""
-    cache = getattr(design, "_gram_cache", None)
+    cache = design.gram_cache
     if cache is None or cache.index.size == 0:
         return None
     positions = np.minimum(np.searchsorted(cache.index, index), cache.index.size - 1)
@@ -211,9 +210,9 @@ def cached_gram(design: Design, index: np.ndarray):
 
 def gram_block(design: Design, index: np.ndarray) -> np.ndarray:
     """``Xc_W^T Xc_W / n`` for sorted ``index``, reusing the design's cached block."""
-    cache = getattr(design, "_gram_cache", None)
-    if cache is None:
-        cache = design._gram_cache = _GramCache()
+    if design.gram_cache is None:
+        design.gram_cache = _GramCache()
+    cache = design.gram_cache
     return cache.block(design, np.asarray(index, dtype=np.int64))
 
 
@@ -230,7 +229,7 @@ def _padded(vector, width, fill=0.0):
 # ---------------------------------------------------------------------------------
 # Squared loss (Lasso, elastic net, weighted Lasso)
 # ---------------------------------------------------------------------------------
-def solve_gram_problem(H, c, beta, alphas, yy, l2, tol, max_epochs, width=None):
+def solve_gram_problem(H, c, beta, alphas, yy, l2, tol, max_epochs, width=None, positive=False):
     """CD + Anderson on ``1/2 b^T H b - c^T b + sum alphas |b|`` (numpy in and out).
 
     XLA runs the epochs (``_kernels.cd_epoch``) on the problem zero-padded to
@@ -239,17 +238,19 @@ def solve_gram_problem(H, c, beta, alphas, yy, l2, tol, max_epochs, width=None):
     the iterates and gradients the kernel returns, with no full product by H: on this
     shared 2-core CPU a multi-threaded (W, W) matrix-vector product costs 1-3 ms under
     load, more than a CD block. A traced graph for this loop (the ``cd_quadratic``
-    route) cost ~0.5 s of tracing per process, more than a whole warm search.
+    route) costs ~0.5 s of tracing per process, more than a whole warm search.
 
     When the signs held over a block's last epoch, a feature-sign step
     (``_sign_pattern_descent``) moves to the minimizer for that sign pattern: one
-    Cholesky solve on the support instead of the tens of epochs CD needs to converge
-    there (a search at p=5000 went from 0.72 to 0.61 s to within 1% of the grid, and
-    its solves end exact to rounding, gaps ~1e-13 instead of just below the tolerance).
+    Cholesky solve on the support replaces the tens of epochs CD needs to converge
+    there, and the solves end exact to rounding (gaps ~1e-13, far below the tolerance).
 
     The gradients carried from block to block accumulate rounding, so ``H beta`` is
     recomputed exactly every ``EXACT_PRODUCT_EVERY`` blocks and before the gap is
     trusted for stopping.
+
+    ``positive`` constrains the coefficients to ``b >= 0`` (the epochs clip at zero
+    and extrapolated points with a negative entry are rejected).
 
     Returns numpy ``(beta, gap, epochs)``.
     """
@@ -264,7 +265,11 @@ def solve_gram_problem(H, c, beta, alphas, yy, l2, tol, max_epochs, width=None):
     inv_diag_tf = tf.constant(inv_diag)
     alphas_tf = tf.constant(_padded(alphas, width, 1.0))
     size_tf = tf.constant(size, tf.int32)
+    lower_tf = tf.constant(0.0 if positive else -np.inf, DTYPE)
     kernel = cd_epoch_xla()
+
+    def gap_of(hb, beta):
+        return float(_kernels.gram_gap_from_product(hb, c, beta, alphas, yy, l2, positive=positive))
 
     def exact_product(beta):
         return tf.linalg.matvec(H_tf, tf.constant(_padded(beta, width))).numpy()[:size]
@@ -274,7 +279,7 @@ def solve_gram_problem(H, c, beta, alphas, yy, l2, tol, max_epochs, width=None):
 
     beta = np.array(beta, dtype=np.float64)
     hb = exact_product(beta)
-    gap = float(_kernels.gram_gap_from_product(hb, c, beta, alphas, yy, l2))
+    gap = gap_of(hb, beta)
     epochs = blocks = 0
     sign_budget = 0.0  # flops the feature-sign steps may still spend (see CD_UPDATE_COST)
     exact = True
@@ -283,13 +288,15 @@ def solve_gram_problem(H, c, beta, alphas, yy, l2, tol, max_epochs, width=None):
             if exact:
                 break
             hb, exact = exact_product(beta), True
-            gap = float(_kernels.gram_gap_from_product(hb, c, beta, alphas, yy, l2))
+            gap = gap_of(hb, beta)
             continue
         rows, grads = [beta], [hb - c]
         beta_tf = tf.constant(_padded(beta, width))
         grad_tf = tf.constant(_padded(hb - c, width))
         for _ in range(_kernels.ANDERSON_MEMORY):
-            beta_tf, grad_tf = kernel(H_tf, grad_tf, beta_tf, alphas_tf, inv_diag_tf, size_tf)
+            beta_tf, grad_tf = kernel(
+                H_tf, grad_tf, beta_tf, alphas_tf, inv_diag_tf, size_tf, lower_tf
+            )
             rows.append(beta_tf.numpy()[:size])
             grads.append(grad_tf.numpy()[:size])
         rows, grads = np.array(rows), np.array(grads)
@@ -308,8 +315,10 @@ def solve_gram_problem(H, c, beta, alphas, yy, l2, tol, max_epochs, width=None):
             # The extrapolation is affine (weights sum to 1): so is its gradient.
             extrapolated = np.sum(weights[:, None] * rows[1:], axis=0)
             extrapolated_hb = np.sum(weights[:, None] * grads[1:], axis=0) + c
-            # Keep the extrapolated point only if it lowers the objective (a NaN does not).
-            if objective(extrapolated, extrapolated_hb) < objective(beta, hb):
+            # Keep the extrapolated point only if it is feasible and lowers the
+            # objective (a NaN does not).
+            feasible = not positive or np.all(extrapolated >= 0)
+            if feasible and objective(extrapolated, extrapolated_hb) < objective(beta, hb):
                 beta, hb = extrapolated, extrapolated_hb
         exact = False
         n_support = np.count_nonzero(beta)
@@ -323,7 +332,7 @@ def solve_gram_problem(H, c, beta, alphas, yy, l2, tol, max_epochs, width=None):
                 beta, hb = candidate
         if blocks % EXACT_PRODUCT_EVERY == 0:
             hb, exact = exact_product(beta), True
-        gap = float(_kernels.gram_gap_from_product(hb, c, beta, alphas, yy, l2))
+        gap = gap_of(hb, beta)
     return beta, gap, epochs
 
 
@@ -405,12 +414,13 @@ def solve_quadratic(
     tol: float,
     max_iter: int,
     max_epochs: int = MAX_EPOCHS,
+    positive: bool = False,
 ) -> Solution:
     """Minimizes ``1/(2n)||y - Xc b||^2 + sum alphas_j |b_j| + l2/2 ||b||^2``.
 
     ``y`` must already be centered when ``design`` is (intercept handled by the caller).
     ``tol`` is relative: stop when the gap <= ``tol * ||y||^2 / n`` (scikit-learn's rule;
-    ``tol`` is floored at ``TOL_FLOOR``).
+    ``tol`` is floored at ``TOL_FLOOR``). ``positive`` adds the constraint ``b >= 0``.
     """
     n, p = design.n, design.p
     y_tf = tf.constant(y, dtype=DTYPE)
@@ -420,6 +430,8 @@ def solve_quadratic(
         raise overflow_error("||y - mean(y)||^2", design, y)
     tol_abs = max(tol, TOL_FLOOR) * yy
     beta = np.zeros(p) if coef0 is None else np.array(coef0, dtype=np.float64)
+    if positive:
+        beta = np.maximum(beta, 0.0)
     xty = None
     ws_size, epochs, gap, primal = 0, 0, np.inf, np.inf
     converged = False
@@ -429,7 +441,10 @@ def solve_quadratic(
         xtr = design.rmatvec(r).numpy() / n
         rr = float(tf.tensordot(r, r, 1)) / n
         yr = float(tf.tensordot(y_tf, r, 1)) / n
-        gap, primal = (float(v) for v in _kernels.quadratic_gap(xtr, yr, rr, beta, alphas, l2))
+        gap, primal = (
+            float(v)
+            for v in _kernels.quadratic_gap(xtr, yr, rr, beta, alphas, l2, positive=positive)
+        )
         # An overflow would otherwise pass as convergence: an infinite X^T r only
         # shrinks the dual scaling (gap = primal), a NaN gap never meets the tolerance.
         if not (np.isfinite(gap) and np.isfinite(primal) and np.all(np.isfinite(xtr))):
@@ -439,7 +454,9 @@ def solve_quadratic(
             break
         if it == max_iter:
             break
-        index = _working_set(np.abs(xtr - l2 * beta) / alphas, beta != 0, ws_size)
+        corr = xtr - l2 * beta
+        scores = (np.maximum(corr, 0.0) if positive else np.abs(corr)) / alphas
+        index = _working_set(scores, beta != 0, ws_size)
         ws_size = index.size
         if xty is None:
             xty = design.rmatvec(y_tf).numpy() / n
@@ -459,6 +476,7 @@ def solve_quadratic(
             _sub_tolerance(gap, tol_abs),
             max_epochs,
             width=bucket(index.size, minimum=min(FIRST_WIDTH, bucket(p))),
+            positive=positive,
         )
         if not np.all(np.isfinite(sub_beta)):
             raise overflow_error("a coordinate-descent iterate", design, y)
@@ -470,13 +488,14 @@ def solve_quadratic(
 # ---------------------------------------------------------------------------------
 # Logistic loss
 # ---------------------------------------------------------------------------------
-def solve_logistic_block(A, y, alphas, beta, tol, max_newton):
-    """Proximal Newton on a dense block ``A`` (padded columns zero)."""
+def solve_logistic_block(A, y, alphas, beta, tol, max_newton, weights=None):
+    """Proximal Newton on a dense block ``A`` (padded columns zero); ``weights``
+    (default ones) weight the samples' losses."""
     n = A.shape[0]
     beta, gap, steps = _graph_solver("logistic_prox_newton")(
         tf.constant(A),
         tf.constant(y),
-        tf.ones([n], DTYPE),
+        tf.ones([n], DTYPE) if weights is None else tf.constant(weights, DTYPE),
         tf.constant(float(n), DTYPE),
         tf.constant(alphas),
         tf.constant(beta),
@@ -496,30 +515,32 @@ def solve_logistic(
     tol: float,
     max_iter: int,
     max_newton: int = MAX_NEWTON,
+    sample_weight: np.ndarray | None = None,
 ) -> Solution:
-    """Minimizes ``1/n sum log(1 + exp(-y_i (x_i^T b + b0))) + sum alphas_j |b_j|``.
+    """Minimizes ``1/n sum w_i log(1 + exp(-y_i (x_i^T b + b0))) + sum alphas_j |b_j|``.
 
-    ``tol`` is relative to the objective at zero (``log 2``): stop when gap <= tol log 2.
+    ``sample_weight`` gives ``w`` (default ones). ``tol`` is relative to the objective
+    at zero for unit weights (``log 2``): stop when gap <= tol log 2.
     """
     n, p = design.n, design.p
     y_tf = tf.constant(y_pm, dtype=DTYPE)
     tol_abs = max(tol, TOL_FLOOR) * np.log(2.0)
     beta = np.zeros(p) if coef0 is None else np.array(coef0, dtype=np.float64)
     b0 = float(intercept0) if fit_intercept else 0.0
+    w = np.ones(n) if sample_weight is None else sample_weight
+    w_tf = tf.constant(w, DTYPE)
     ws_size, steps, gap, primal = 0, 0, np.inf, np.inf
     converged = False
     it = 0
     for it in range(max_iter + 1):
         z = design.matvec(tf.constant(beta)) + b0
         prob = tf.math.sigmoid(-y_tf * z)
-        xtr = design.rmatvec(y_tf * prob).numpy() / n
+        xtr = design.rmatvec(w_tf * y_tf * prob).numpy() / n
         z_np, prob_np = z.numpy(), prob.numpy()
-        gap, primal = (
-            float(v) for v in _kernels.logistic_gap(xtr, z_np, y_pm, 1.0, n, alphas, beta)
-        )
+        gap, primal = (float(v) for v in _kernels.logistic_gap(xtr, z_np, y_pm, w, n, alphas, beta))
         if fit_intercept:
-            g0 = float(y_pm @ prob_np) / n
-            h0 = float(np.sum(prob_np * (1.0 - prob_np))) / n
+            g0 = float((w * y_pm) @ prob_np) / n
+            h0 = float(np.sum(w * prob_np * (1.0 - prob_np))) / n
             gap += g0 * g0 / (2.0 * max(h0, 1e-300))
         if not (np.isfinite(gap) and np.all(np.isfinite(xtr)) and np.all(np.isfinite(z_np))):
             raise overflow_error("X^T (y sigmoid(-y z)) / n or the duality gap", design)
@@ -541,7 +562,7 @@ def solve_logistic(
             a[index.size] = 0.0
             start[index.size] = b0
         sub_beta, _, sub_steps = solve_logistic_block(
-            A, y_pm, a, start, _sub_tolerance(gap, tol_abs), max_newton
+            A, y_pm, a, start, _sub_tolerance(gap, tol_abs), max_newton, sample_weight
         )
         if not np.all(np.isfinite(sub_beta)):
             raise overflow_error("a proximal-Newton iterate", design)

@@ -36,30 +36,32 @@ def ar1_design(n, p, rho=0.6, k=10, noise=0.5, seed=0):
     return X, y, beta
 
 
-def sklearn_solution(model, X, y):
-    """(coef, intercept) of the scikit-learn model with the same objective."""
+def sklearn_solution(model, X, y, sample_weight=None):
+    """(coef, intercept) of the scikit-learn model with the same objective (with the
+    model's ``positive``, the sample weights and a 2-D y passed through)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fi = model.fit_intercept
+        options = {"fit_intercept": fi, "tol": SK_TOL, "max_iter": SK_MAX_ITER}
+        if hasattr(model, "positive"):
+            options["positive"] = model.positive
         if isinstance(model, L.Lasso):
-            sk = lm.Lasso(alpha=model.alpha, fit_intercept=fi, tol=SK_TOL, max_iter=SK_MAX_ITER)
-            sk.fit(X, y)
-            return sk.coef_.copy(), float(sk.intercept_)
+            sk = lm.Lasso(alpha=model.alpha, **options)
+            sk.fit(X, y, sample_weight=sample_weight)
+            return sk.coef_.copy(), _intercept(sk)
         if isinstance(model, L.ElasticNet):
-            sk = lm.ElasticNet(
-                **model.sklearn_params, fit_intercept=fi, tol=SK_TOL, max_iter=SK_MAX_ITER
-            )
-            sk.fit(X, y)
-            return sk.coef_.copy(), float(sk.intercept_)
+            sk = lm.ElasticNet(**model.sklearn_params, **options)
+            sk.fit(X, y, sample_weight=sample_weight)
+            return sk.coef_.copy(), _intercept(sk)
         if isinstance(model, L.WeightedLasso):
             # sum_j w_j |b_j| = a sum_j |c_j| with c_j = (w_j / a) b_j: rescale columns.
             n_features = X.shape[1]
             w = model.penalty_vectors(n_features)[0]
             a = float(np.mean(w))
             scale = a / w
-            sk = lm.Lasso(alpha=a, fit_intercept=fi, tol=SK_TOL, max_iter=SK_MAX_ITER)
-            sk.fit(X * scale, y)
-            return sk.coef_ * scale, float(sk.intercept_)
+            sk = lm.Lasso(alpha=a, **options)
+            sk.fit(X * scale, y, sample_weight=sample_weight)
+            return sk.coef_ * scale, _intercept(sk)
         if isinstance(model, L.SparseLogisticRegression):
             n = X.shape[0]
             C = 1.0 / (n * model.alpha)
@@ -80,18 +82,24 @@ def sklearn_solution(model, X, y):
                     max_iter=SK_MAX_ITER,
                     random_state=0,
                 )
-            sk.fit(X, y)
+            sk.fit(X, y, sample_weight=sample_weight)
             return sk.coef_[0].copy(), float(np.ravel(sk.intercept_)[0]) if fi else 0.0
     raise TypeError(model)
 
 
-def criterion_from_sklearn(model, criterion, X, y):
+def _intercept(sk):
+    return float(sk.intercept_) if np.ndim(sk.intercept_) == 0 else np.array(sk.intercept_)
+
+
+def criterion_from_sklearn(model, criterion, X, y, sample_weight=None):
     """Criterion value with every inner problem solved by scikit-learn."""
-    value, _ = L.hypergradient(model, criterion, X, y, solver=sklearn_solution)
+    value, _ = L.hypergradient(
+        model, criterion, X, y, sample_weight=sample_weight, solver=sklearn_solution
+    )
     return value
 
 
-def finite_difference(model, criterion, X, y, h=1e-5):
+def finite_difference(model, criterion, X, y, h=1e-5, sample_weight=None):
     """Central differences of the criterion in the log penalties (scikit-learn solves)."""
     theta = model.get_log_penalties()
     grad = np.zeros_like(theta)
@@ -101,7 +109,7 @@ def finite_difference(model, criterion, X, y, h=1e-5):
             shifted = theta.copy()
             shifted[i] += sign * h
             m = L.clone(model).set_log_penalties(shifted)
-            values.append(criterion_from_sklearn(m, criterion, X, y))
+            values.append(criterion_from_sklearn(m, criterion, X, y, sample_weight))
         grad[i] = (values[0] - values[1]) / (2 * h)
     return grad
 

@@ -445,7 +445,7 @@ def _bad_data_cases(X, y):
         (X[:, 0], y, "`X` must be 2-D"),
         (X[None], y, "`X` must be 2-D"),
         (X[:0], y[:0], "at least one sample"),
-        (X, np.c_[y, y], r"`y` must be 1-D .* Received shape \(\d+, 2\)"),
+        (X, y[:, None, None], r"`y` must be 1-D .* Received shape \(\d+, 1, 1\)"),
         (X, y[:-1], "mismatched numbers of samples"),
         (X + 1j, y, "complex data is not supported"),
         (X.astype(str), y, r"`X` must be numeric. Received dtype <U"),
@@ -482,7 +482,13 @@ def test_criteria_hypergradient_and_search_refuse_bad_data():
     with pytest.raises(ValueError, match="`X_val` must be real"):
         L.HeldOutMSE(X_val + 1j, y_val)
     with pytest.raises(ValueError, match=r"`y_val` must be 1-D"):
-        L.HeldOutMSE(X_val, np.c_[y_val, y_val])
+        L.HeldOutMSE(X_val, y_val[:, None, None])
+    with pytest.raises(ValueError, match=r"`y_val` must be 1-D"):
+        L.HeldOutLogistic(X_val, np.c_[labels_val, labels_val])
+    with pytest.raises(ValueError, match="`y_val` must have as many targets as `y`"):
+        L.hypergradient(L.Lasso(0.5), L.HeldOutMSE(X_val, np.c_[y_val, y_val]), X, y)
+    with pytest.raises(ValueError, match=r"`y` must be 1-D \(n_samples,\)"):
+        L.SparseLogisticRegression(0.01).fit(X, np.c_[labels, labels])
     with pytest.raises(ValueError, match="not among the model classes"):
         L.hypergradient(
             L.SparseLogisticRegression(0.01), L.HeldOutLogistic(X_val, labels_val + 2), X, labels

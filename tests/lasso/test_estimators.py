@@ -139,7 +139,7 @@ def test_not_converged_warns_and_reports_gap():
 def test_get_set_params_and_clone():
     model = L.WeightedLasso(alphas=np.ones(3), tol=1e-6)
     params = model.get_params()
-    assert set(params) == {"alphas", "fit_intercept", "tol", "max_iter", "warm_start"}
+    assert set(params) == {"alphas", "fit_intercept", "tol", "max_iter", "warm_start", "positive"}
     copy = L.clone(model).set_params(tol=1e-3)
     assert copy.tol == 1e-3 and model.tol == 1e-6
     assert "WeightedLasso(" in repr(model)
