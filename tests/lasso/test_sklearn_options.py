@@ -3,6 +3,8 @@
 hypergradients against central finite differences of criteria from scikit-learn
 solutions."""
 
+import warnings
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -230,3 +232,20 @@ def test_multi_target_hypergradient_matches_finite_differences(criterion_name):
         ]
         assert value == pytest.approx(np.mean([v for v, _ in per_target]), rel=1e-9)
         np.testing.assert_allclose(grad, np.mean([g for _, g in per_target], axis=0), rtol=1e-6)
+
+
+def test_a_target_with_empty_support_does_not_change_the_others():
+    X, Y = _two_targets(n=160)
+    Y = np.c_[Y[:, 0], np.full(160, 2.0)]  # a constant target: all-zero solution
+    model = L.Lasso(alpha=0.05, tol=TIGHT)
+    criterion = L.HeldOutMSE(X[100:], Y[100:])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", L.EmptySupportWarning)
+        value, grad, info = L.hypergradient(model, criterion, X[:100], Y[:100], return_info=True)
+    assert info.support_sizes[1] == 0 and not info.empty_support
+    single = L.hypergradient(model, L.HeldOutMSE(X[100:], Y[100:, 0]), X[:100], Y[:100, 0])
+    assert value == pytest.approx(single[0] / 2, rel=1e-9)  # the constant is predicted exactly
+    np.testing.assert_allclose(grad, single[1] / 2, rtol=1e-9)
+    with pytest.warns(L.EmptySupportWarning):
+        _, grad = L.hypergradient(L.Lasso(alpha=1e6), criterion, X[:100], Y[:100])
+    np.testing.assert_array_equal(grad, [0.0])
