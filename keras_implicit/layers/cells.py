@@ -60,6 +60,13 @@ class _Cell(keras.layers.Layer):
             )
 
 
+def _check_dropout(rate):
+    rate = _validation.float_in_range("dropout", rate, 0.0, 1.0)
+    if rate == 1.0:
+        raise ValueError(f"`dropout` must be in [0, 1). Received: dropout={rate!r}")
+    return rate
+
+
 def _unit(v, axis=None):
     return v / tf.maximum(tf.norm(v, axis=axis, keepdims=axis is not None), 1e-12)
 
@@ -125,9 +132,7 @@ class DenseCell(_Cell):
             _validation.one_of("kernel_norm", kernel_norm, ("weight", "spectral"))
         self.kernel_norm = kernel_norm
         self.power_iterations = _validation.positive_int("power_iterations", power_iterations)
-        self.dropout = _validation.float_in_range("dropout", dropout, 0.0, 1.0)
-        if self.dropout == 1.0:
-            raise ValueError(f"`dropout` must be in [0, 1). Received: dropout={dropout!r}")
+        self.dropout = _check_dropout(dropout)
         self.seed = seed
         if self.dropout:
             self.seed_generator = keras.random.SeedGenerator(seed, name="dropout_seed")
@@ -342,6 +347,12 @@ class ConvCell(_Cell):
         kernel_scale: as `DenseCell`: scale of the initial state-path conv kernels.
         lipschitz: the bound of the map's Lipschitz constant in z, in (0, 1).
         skip: weight of the identity path, in [0, lipschitz).
+        dropout: rate of variational dropout on conv1's output channels: one mask per
+            sample and solve (shared by every pixel, iteration and the backward pass),
+            drawn in `inject` in training. Kept channels are not rescaled in training;
+            at inference the channels are scaled by 1 - rate instead (the expected
+            mask), so the map stays a `lipschitz`-contraction in both modes.
+        seed: seed of the dropout masks.
     """
 
     def __init__(
@@ -354,9 +365,15 @@ class ConvCell(_Cell):
         kernel_scale=1.0,
         lipschitz=0.9,
         skip=0.5,
+        dropout=0.0,
+        seed=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.dropout = _check_dropout(dropout)
+        self.seed = seed
+        if self.dropout:
+            self.seed_generator = keras.random.SeedGenerator(seed, name="dropout_seed")
         self.filters = _validation.positive_int("filters", filters)
         self.hidden_filters = _validation.positive_int(
             "hidden_filters", self.filters if hidden_filters is None else hidden_filters
@@ -439,27 +456,36 @@ class ConvCell(_Cell):
             kernels.append(kernel * tf.cast(scale, kernel.dtype))
         return kernels
 
-    def inject(self, x):
+    def inject(self, x, training=None):
         c = self.norm_in(self.conv_in(x))
         kernel1, kernel2 = self.state_kernels()
-        return c, tf.cast(kernel1, c.dtype), tf.cast(kernel2, c.dtype)
+        keep = 1.0 - self.dropout
+        if self.dropout and training:
+            shape = tf.stack([tf.shape(c)[0], 1, 1, self.hidden_filters])
+            draw = keras.random.uniform(shape, dtype=c.dtype, seed=self.seed_generator)
+            mask = tf.cast(draw < keep, c.dtype)
+        else:
+            mask = tf.constant(keep, c.dtype)
+        return c, tf.cast(kernel1, c.dtype), tf.cast(kernel2, c.dtype), mask
 
     def readout(self, z):
         return self.norm_out(z)
 
     def step(self, z, context):
-        c, kernel1, kernel2 = context
+        c, kernel1, kernel2, mask = context
         with tf.name_scope("conv_cell"):
             kernel1, kernel2 = tf.cast(kernel1, z.dtype), tf.cast(kernel2, z.dtype)
             h = self.activation(tf.nn.conv2d(z, kernel1, 1, "SAME"))
+            if self.dropout:
+                h = h * tf.cast(mask, z.dtype)
             pre = tf.cast(c, z.dtype) + tf.nn.conv2d(h, kernel2, 1, "SAME")
             if self.skip:
                 pre = pre + self.skip * z
             return self.activation(pre)
 
-    def call(self, z, x):
+    def call(self, z, x, training=None):
         # the map iterated by DEQ (without the readout)
-        return self.step(z, self.inject(x))
+        return self.step(z, self.inject(x, training=training))
 
     def get_config(self):
         return {
@@ -472,6 +498,8 @@ class ConvCell(_Cell):
             "kernel_scale": self.kernel_scale,
             "lipschitz": self.lipschitz,
             "skip": self.skip,
+            "dropout": self.dropout,
+            "seed": self.seed,
         }
 
 

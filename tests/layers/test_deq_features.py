@@ -185,9 +185,21 @@ def test_spectral_norm_matches_numpy_svd_and_runs_once_per_solve():
 # ------------------------------------------------------------------ variational dropout
 
 
-def test_dropout_one_mask_per_solve_matches_unrolled_reference():
-    x = _x(batch=4)
-    cell = _cell(units=6, dropout=0.5, seed=3)
+def _dropout_case(kind):
+    """(cell, x, state shape, mask values in training, hidden scale at inference)."""
+    if kind == "dense":
+        cell = _cell(units=6, dropout=0.5, seed=3)
+        return cell, _x(batch=4), (4, 6), {0.0, 2.0}
+    # ConvCell drops without rescaling, so its map stays a contraction
+    cell = ki.layers.ConvCell(3, hidden_filters=4, dropout=0.5, seed=3, dtype=F64)
+    x = tf.constant(np.random.default_rng(0).normal(size=(4, 5, 5, 2)), tf.float64)
+    return cell, x, (4, 5, 5, 3), {0.0, 1.0}
+
+
+@pytest.mark.parametrize("kind", ["dense", "conv"])
+def test_dropout_one_mask_per_solve_matches_unrolled_reference(kind):
+    cell, x, z_shape, mask_values = _dropout_case(kind)
+    readout = getattr(cell, "readout", lambda z: z)
     deq = ki.layers.DEQ(cell, **_fpi(80, 1e-12), backward_tol=1e-12, on_failure="ignore", dtype=F64)
     deq(x)
     state = cell.seed_generator.state.numpy()
@@ -199,22 +211,23 @@ def test_dropout_one_mask_per_solve_matches_unrolled_reference():
     cell.seed_generator.state.assign(state)  # the same mask again
     with tf.GradientTape() as tape:
         context = cell.inject(x, training=True)
-        z = tf.zeros((4, 6), tf.float64)
+        z = tf.zeros(z_shape, tf.float64)
         for _ in range(80):
             z = cell.step(z, context)
-        ref_loss = tf.reduce_sum(z**2)
+        ref_loss = tf.reduce_sum(readout(z) ** 2)
     ref_grads = tape.gradient(ref_loss, cell.trainable_variables)
     mask = context[-1].numpy()
-    assert mask.shape == (4, 6) and set(np.unique(mask)) == {0.0, 2.0}
-    np.testing.assert_allclose(out.numpy(), z.numpy(), atol=1e-10)
+    assert mask.shape[0] == 4 and mask.shape[-1] == (6 if kind == "dense" else 4)
+    assert set(np.unique(mask)) == mask_values
+    np.testing.assert_allclose(out.numpy(), readout(z).numpy(), atol=1e-10)
     for g, r in zip(grads, ref_grads):
         np.testing.assert_allclose(g.numpy(), r.numpy(), rtol=1e-6, atol=1e-9)
-    # no dropout at inference: the map with every unit kept
-    z = tf.zeros((4, 6), tf.float64)
+    # no mask at inference (ConvCell: the expected one, a 0.5 scale)
+    z = tf.zeros(z_shape, tf.float64)
     for _ in range(80):
         z = cell(z, x, training=False)
-    np.testing.assert_allclose(deq(x, training=False).numpy(), z.numpy(), atol=1e-10)
-    assert np.abs(out.numpy() - z.numpy()).max() > 1e-3
+    np.testing.assert_allclose(deq(x, training=False).numpy(), readout(z).numpy(), atol=1e-10)
+    assert np.abs(out.numpy() - readout(z).numpy()).max() > 1e-3
 
 
 # ------------------------------------------------------------------ warm start
