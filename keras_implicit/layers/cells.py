@@ -4,9 +4,10 @@ Every cell is an ordinary Keras layer called as `cell(z, x)`. The cells here als
 implement a small optional protocol that `ki.layers.DEQ` uses to save work inside the
 solver loop:
 
-* `inject(x) -> context`: everything that depends on x only (the input injection,
-  and for `MonotoneDenseCell` the assembled W and the step size), computed ONCE per
-  forward pass instead of once per solver iteration;
+* `inject(x) -> context` (or `inject(x, training=None)`): everything that does not
+  depend on z (the input injection; `MonotoneDenseCell`'s assembled W and step size;
+  normalized kernels and dropout masks), computed ONCE per forward solve and reused
+  by every solver iteration and by the backward pass;
 * `step(z, context) -> z`: the map iterated by the solver;
 * `state_shape(input_shape) -> tuple`: the shape of z (without the batch axis);
 * `readout(state) -> output` (optional): applied to the solver's fixed point when the
