@@ -14,14 +14,13 @@ parameters weights, or pass a list of names (e.g. `["upper"]`).
   section's weights `w` become one weight per feature (shape `(n,)`) when given as
   a number; `b`, `A`, `c` keep the shape they were given. They are unconstrained (a
   learned box with lower > upper returns `upper` where the bounds cross).
-* The sparse simplex's `max_nonzeros` and the transport marginals `a`, `b` are
-  fixed (not learnable).
+* The sparse simplex's `max_nonzeros`, the transport marginals `a`, `b` and the
+  `divergence` of the transport and Birkhoff kinds are fixed (not learnable).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import numbers
 
 import keras
@@ -60,10 +59,11 @@ class _Param:
     default: object = _REQUIRED
     # "scalar": one number (weight shape as given); "vector": per feature, a number
     # becomes a weight of shape (n,); "array": weight shape as given; "int": a
-    # positive Python int (a static size).
+    # positive Python int (a static size); "choice": one of `choices` (a string).
     layout: str = "scalar"
     positive: bool = False  # stored through softplus when trainable
     learnable: bool = True
+    choices: tuple = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,9 +77,13 @@ class _Kind:
 _RADIUS = (_Param("radius", 1.0, positive=True),)
 _HYPER = (_Param("a", layout="vector"), _Param("b", 0.0))
 _BOUNDS = (_Param("lower", 0.0, layout="vector"), _Param("upper", 1.0, layout="vector"))
+_DIVERGENCE = _Param(
+    "divergence", "euclidean", layout="choice", learnable=False, choices=("euclidean", "kl")
+)
 _MARGINALS = (
     _Param("a", layout="array", positive=True, learnable=False),
     _Param("b", layout="array", positive=True, learnable=False),
+    _DIVERGENCE,
 )
 
 KINDS = {
@@ -112,11 +116,7 @@ KINDS = {
     "psd_cone": _Kind(kops.projection_psd_cone, min_rank=3),
     "exp_cone": _Kind(kops.projection_exp_cone),
     "transport": _Kind(kops.projection_transport, _MARGINALS, min_rank=3),
-    "transport_kl": _Kind(
-        functools.partial(kops.projection_transport, divergence="kl"), _MARGINALS, min_rank=3
-    ),
-    "birkhoff": _Kind(kops.projection_birkhoff, min_rank=3),
-    "birkhoff_kl": _Kind(functools.partial(kops.projection_birkhoff, divergence="kl"), min_rank=3),
+    "birkhoff": _Kind(kops.projection_birkhoff, (_DIVERGENCE,), min_rank=3),
 }
 
 _ALL_PARAM_NAMES = sorted({p.name for k in KINDS.values() for p in k.params})
@@ -129,8 +129,8 @@ def _softplus_inverse(value: np.ndarray) -> np.ndarray:
 
 
 def _to_config_value(value):
-    """Python int, float or nested list: what get_config can hold."""
-    if isinstance(value, int):
+    """Python int, str, float or nested list: what get_config can hold."""
+    if isinstance(value, (int, str)):
         return value
     arr = np.asarray(value, dtype=np.float64)
     return float(arr) if arr.ndim == 0 else arr.tolist()
@@ -147,10 +147,10 @@ class Projection(keras.layers.Layer):
         "l1_ball", "l1_sphere", "l2_ball", "l2_sphere", "linf_ball" (radius=1),
         "second_order_cone", "psd_cone" (input (..., n, n)), "exp_cone" (last axis 3),
         "box_section" (lower=0, upper=1, w=1, c=1: {lower <= y <= upper, w^T y = c}),
-        "sparse_simplex" (max_nonzeros, value=1), "transport" / "transport_kl"
-        (marginals a, b; input (..., m, n)), "birkhoff" / "birkhoff_kl" (input
-        (..., n, n)). The op is `keras_implicit.ops.projection_<kind>` (or
-        `ops.sparsemax`; the "_kl" kinds pass `divergence="kl"`).
+        "sparse_simplex" (max_nonzeros, value=1), "transport" (marginals a, b,
+        divergence="euclidean" or "kl"; input (..., m, n)), "birkhoff"
+        (divergence="euclidean"; input (..., n, n)). The op is
+        `keras_implicit.ops.projection_<kind>` (or `ops.sparsemax`).
       trainable_params: False, True (all of the kind's parameters), or a list of
         parameter names to learn. See the module docstring for the parametrization.
       **params: the kind's set parameters (numbers, lists or numpy arrays), plus the
@@ -222,6 +222,12 @@ class Projection(keras.layers.Layer):
     def _validate_value(self, p, value):
         if p.layout == "int":
             return _validation.positive_int(p.name, value)
+        if p.layout == "choice":
+            if value not in p.choices:
+                raise ValueError(
+                    f"`{p.name}` must be one of {list(p.choices)}. Received: {p.name}={value!r}"
+                )
+            return value
         if tf.is_tensor(value) or isinstance(value, tf.Variable):
             value = np.asarray(value)  # configs hold plain numbers
         if isinstance(value, bool) or not isinstance(
@@ -286,12 +292,12 @@ class Projection(keras.layers.Layer):
             raise ValueError(
                 f"The PSD cone acts on square matrices (..., n, n). Received: input_shape={shape}"
             )
-        if self.kind.startswith("birkhoff") and None not in shape[-2:] and n != shape[-2]:
+        if self.kind == "birkhoff" and None not in shape[-2:] and n != shape[-2]:
             raise ValueError(
                 "The Birkhoff polytope holds square matrices (..., n, n). "
                 f"Received: input_shape={shape}"
             )
-        if self.kind.startswith("transport"):
+        if self.kind == "transport":
             for name, dim in (("a", shape[-2]), ("b", n)):
                 size = np.shape(self._values[name])[-1]
                 if dim is not None and size != dim:

@@ -165,7 +165,7 @@ def _sinkhorn_solve(f, x, a, b, tol, max_iter):
 def _default_tol(dtype, divergence):
     if dtype == tf.float64:
         return 1e-13 if divergence == "euclidean" else 1e-10
-    return 1e-5
+    return 1e-6 if divergence == "euclidean" else 1e-5
 
 
 def _flatten(x, a, b):
@@ -208,7 +208,7 @@ def projection_transport(
         `sum(a) == sum(b)`.
       divergence: "euclidean" or "kl".
       tol: relative tolerance on the marginals (default 1e-13 Euclidean / 1e-10 KL
-        in float64, 1e-5 in float32). max_iter: Newton steps (default 50) or
+        in float64, 1e-6 / 1e-5 in float32). max_iter: Newton steps (default 50) or
         Sinkhorn iterations (default 2000).
       backward_tol: tolerance of the backward CG solve (default 1e-10 in float64,
         1e-5 otherwise).

@@ -12,6 +12,8 @@ RNG = np.random.default_rng(0)
 
 
 A_VEC = [1.0, -2.0, 0.5, 0.3]
+W_VEC = [1.0, 2.0, 0.5, 1.0]
+MARG_A, MARG_B = [0.5, 1.0, 1.5], [2.0, 1.0]
 
 # (layer factory, input shape without batch, reference op on the same input)
 LAYERS = {
@@ -58,6 +60,26 @@ LAYERS = {
     "second_order_cone": (lambda: L.SOCProjection(), (4,), ops.projection_second_order_cone),
     "psd_cone": (lambda: L.PSDProjection(), (3, 3), ops.projection_psd_cone),
     "exp_cone": (lambda: L.ExpConeProjection(), (3,), ops.projection_exp_cone),
+    "box_section": (
+        lambda: L.Projection("box_section", lower=-0.5, upper=[0.5, 1.0, 0.2, 0.3], w=W_VEC, c=0.4),
+        (4,),
+        lambda x: ops.projection_box_section(x, -0.5, [0.5, 1.0, 0.2, 0.3], W_VEC, 0.4),
+    ),
+    "sparse_simplex": (
+        lambda: L.Projection("sparse_simplex", max_nonzeros=2, value=1.5),
+        (4,),
+        lambda x: ops.projection_sparse_simplex(x, 2, 1.5),
+    ),
+    "transport": (
+        lambda: L.Projection("transport", a=MARG_A, b=MARG_B),
+        (3, 2),
+        lambda x: ops.projection_transport(x, MARG_A, MARG_B),
+    ),
+    "birkhoff": (
+        lambda: L.Projection("birkhoff", divergence="kl"),
+        (3, 3),
+        lambda x: ops.projection_birkhoff(x, divergence="kl"),
+    ),
 }
 
 
@@ -74,7 +96,8 @@ def test_symbolic_and_eager_call_match_the_op(kind):
     # The generic layer with the same kind and parameters is the same function.
     config = layer.get_config()
     generic = L.Projection(
-        kind, **{k: v for k, v in config.items() if k not in ("name", "trainable", "dtype")}
+        kind,
+        **{k: v for k, v in config.items() if k not in ("name", "trainable", "dtype", "kind")},
     )
     np.testing.assert_allclose(np.asarray(generic(x)), np.asarray(layer(x)), rtol=1e-6)
     # Dynamic batch through a functional model: batches of 4 and 3 in one predict.
@@ -193,7 +216,9 @@ def test_config_round_trip(kind):
     layer = LAYERS[kind][0]()
     clone = type(layer).from_config(layer.get_config())
     assert clone.get_config() == layer.get_config()
-    generic = L.Projection(kind, **{k: v for k, v in layer.get_config().items() if k != "name"})
+    generic = L.Projection(
+        kind, **{k: v for k, v in layer.get_config().items() if k not in ("name", "kind")}
+    )
     assert L.Projection.from_config(generic.get_config()).get_config() == generic.get_config()
 
 
@@ -236,6 +261,33 @@ def test_config_round_trip(kind):
         ),
         (lambda: L.SimplexProjection("one"), ValueError, r"Received: value='one'"),
         (lambda: L.Projection(3), ValueError, r"Received: kind=3"),
+        (
+            lambda: L.Projection("sparse_simplex", max_nonzeros=1.5),
+            ValueError,
+            r"Received: max_nonzeros=1\.5",
+        ),
+        (
+            lambda: L.Projection(
+                "sparse_simplex", max_nonzeros=2, trainable_params=["max_nonzeros"]
+            ),
+            ValueError,
+            r"learnable parameters are \['value'\]",
+        ),
+        (
+            lambda: L.Projection("birkhoff", divergence="l2"),
+            ValueError,
+            r"Received: divergence='l2'",
+        ),
+        (
+            lambda: L.Projection("transport", a=[-1.0, 2.0], b=[1.0]),
+            ValueError,
+            r"Received: a=\[-1\.0, 2\.0\]",
+        ),
+        (
+            lambda: L.Projection("box_section", lower=1.0, upper=0.0),
+            ValueError,
+            r"Received: lower=1\.0, upper=0\.0",
+        ),
     ],
 )
 def test_bad_construction(make, error, match):
@@ -252,6 +304,13 @@ def test_bad_construction(make, error, match):
         (lambda: L.HyperplaneProjection([1.0, 2.0]), (3,), r"Received: a.shape=\(2,\)"),
         (lambda: L.AffineSetProjection([[1.0, 2.0]], [1.0]), (3,), r"Received: A.shape=\(1, 2\)"),
         (lambda: L.BoxProjection(0.0, [1.0, 2.0]), (3,), r"Received: upper.shape=\(2,\)"),
+        (lambda: L.Projection("birkhoff"), (3, 4), r"square.*Received: input_shape=\(None, 3, 4\)"),
+        (
+            lambda: L.Projection("transport", a=[1.0, 1.0], b=[2.0]),
+            (3, 1),
+            r"Received: a.shape=\(2,\)",
+        ),
+        (lambda: L.Projection("transport", a=[1.0], b=[1.0]), (1,), r"rank >= 3"),
     ],
 )
 def test_bad_input_shapes(layer, shape, match):
@@ -282,7 +341,7 @@ def _kinds(default):
     return [k if k in default else pytest.param(k, marks=pytest.mark.slow) for k in sorted(LAYERS)]
 
 
-@pytest.mark.parametrize("kind", _kinds(set(LAYERS) - {"exp_cone"}))
+@pytest.mark.parametrize("kind", _kinds(set(LAYERS) - {"exp_cone", "transport", "birkhoff"}))
 def test_unknown_batch_and_feature_dims(kind):
     """tf.function traced once for an unknown batch (and once with every dimension
     unknown), and a functional model on an Input with unknown dimensions, all equal
@@ -366,3 +425,37 @@ def test_mixed_precision_projects_in_float32(make, x, policy):
     # the input is rounded to the half dtype first; the answer is exact to its precision
     rtol = 2.0**-9 if half == "float16" else 2.0**-6
     np.testing.assert_allclose(np.asarray(out, "float32"), expected, rtol=rtol, atol=rtol)
+
+
+def test_fit_learns_box_section_bounds_and_weights():
+    """All four box-section parameters are weights, and training moves them."""
+    keras.utils.set_random_seed(0)
+    x = RNG.normal(size=(64, 4)).astype("float32")
+    target = np.asarray(ops.projection_box_section(x, -0.2, 0.6, [1.0, 1.0, 2.0, 1.0], 0.5))
+    layer = L.Projection("box_section", lower=-1.0, upper=1.0, trainable_params=True)
+    model = keras.Sequential([keras.Input((4,)), layer])
+    model.compile(optimizer=keras.optimizers.Adam(0.05), loss="mse", jit_compile=True)
+    before = model.evaluate(x, target, verbose=0)
+    model.fit(x, target, epochs=15, batch_size=16, verbose=0)
+    assert model.evaluate(x, target, verbose=0) < 0.3 * before
+    assert sorted(w.name for w in layer.trainable_weights) == ["c", "lower", "upper", "w"]
+
+
+def test_transport_layer_trains_and_saves(tmp_path):
+    """A Dense layer followed by the KL transport projection (Sinkhorn), fit and reloaded."""
+    keras.utils.set_random_seed(0)
+    x = RNG.normal(size=(32, 6)).astype("float32")
+    marginals = {"a": [1.0, 2.0], "b": [1.0, 1.0, 1.0], "divergence": "kl"}
+    target = np.asarray(ops.projection_transport(x.reshape(-1, 2, 3) * 2, **marginals))
+    inp = keras.Input((6,))
+    hidden = keras.layers.Reshape((2, 3))(keras.layers.Dense(6)(inp))
+    out = L.Projection("transport", **marginals)(hidden)
+    model = keras.Model(inp, out)
+    model.compile(optimizer=keras.optimizers.Adam(0.05), loss="mse")
+    before = model.evaluate(x, target, verbose=0)
+    model.fit(x, target, epochs=10, batch_size=8, verbose=0)
+    assert model.evaluate(x, target, verbose=0) < 0.5 * before
+    path = str(tmp_path / "transport.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6)
