@@ -1,17 +1,23 @@
 """Implicit differentiation vs backprop through the unrolled solver, and vs jaxopt.
 
-Problem: z = tanh(z W + x), batch 256, width 256, ||W||_2 = 0.9, float32, a fixed
-number N of forward iterations (tol=0 forces all N), N in {25, 50, 100, 200}.
+Problem: z = tanh(z W + x), batch 256, width 256, ||W||_2 = 0.9, float32, at most N
+forward iterations, N in {25, 50, 100, 200}. jaxopt runs exactly N (tol=0); ours asks
+for tol=0, which `ki.fixed_point` raises to the float32 floor (2 machine epsilons,
+2.4e-7), reached after about 14 iterations, so N caps our forward: compare backward
+times for the backward solvers.
 For each method: forward+backward time (XLA, median of repeats), backward time
 (forward+backward minus forward alone) and peak memory of forward+backward (BFC
 allocator statistics). Peer: jaxopt's FixedPointIteration with implicit
 differentiation (its default normal-CG backward), jit-compiled, when JAX is installed.
+"implicit/bicgstab" is the proposed default backward, "implicit/bicgstab (gmres
+fallback)" BiCGStab with GMRES(10) for the rows it leaves unconverged.
 
     python benchmarks/bench_core.py [--quick]
 
-Writes benchmarks/results/core.json and core.md. Targets (issue #2): implicit peak
-memory flat in N (200 vs 25 within 10%) while unrolled grows; implicit backward >= 2x
-faster than unrolled at N = 100; XLA forward+backward <= 1.5x jaxopt's.
+Writes benchmarks/results/core.json and core.md. Targets: implicit peak memory flat in
+N (200 vs 25 within 10%) while unrolled grows; implicit backward >= 2x faster than
+unrolled at N = 100; the default backward <= 1.0x jaxopt's default at every N, with peak
+memory no higher than the leanest backward solver's.
 """
 
 from __future__ import annotations
@@ -32,7 +38,14 @@ import tensorflow as tf
 import keras_implicit as ki
 
 RESULTS = pathlib.Path(__file__).with_name("results")
-LINEAR_SOLVERS = ("gmres", "bicgstab", "broyden", "neumann")
+LINEAR_SOLVERS = {
+    "gmres": "gmres",
+    "bicgstab": "bicgstab",
+    "bicgstab (gmres fallback)": ki.linalg.BiCGStab(fallback_restart=10),
+    "broyden": "broyden",
+    "neumann": "neumann",
+}
+DEFAULT = "bicgstab"
 
 
 def make_problem(batch, width, seed=0):
@@ -115,8 +128,8 @@ def tf_methods(w, x, iterations):
 
     compile_ = lambda f: tf.function(f, jit_compile=True)  # noqa: E731
     methods = {
-        f"implicit/{ls}": (compile_(implicit(ls)), compile_(implicit_forward))
-        for ls in LINEAR_SOLVERS
+        f"implicit/{name}": (compile_(implicit(ls)), compile_(implicit_forward))
+        for name, ls in LINEAR_SOLVERS.items()
     }
     methods["unrolled backprop"] = (compile_(unrolled), compile_(unrolled_forward))
     return methods
@@ -155,6 +168,18 @@ def jaxopt_methods(w, x, iterations):
     }
 
 
+def _versions():
+    from importlib import metadata
+
+    found = {}
+    for package in ("tensorflow", "keras", "jax", "jaxopt"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = None
+    return found
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
@@ -177,7 +202,7 @@ def main(argv=None):
                 }
             )
             print(
-                f"N={n:4d} {name:22s} fwd+bwd {total:8.2f} ms  bwd {total - fwd:8.2f} ms  "
+                f"N={n:4d} {name:32s} fwd+bwd {total:8.2f} ms  bwd {total - fwd:8.2f} ms  "
                 f"peak {rows[-1]['peak_bytes'] / 2**20:7.2f} MiB",
                 flush=True,
             )
@@ -193,7 +218,7 @@ def main(argv=None):
                 }
             )
             print(
-                f"N={n:4d} {name:22s} fwd+bwd {total:8.2f} ms  bwd {total - fwd:8.2f} ms",
+                f"N={n:4d} {name:32s} fwd+bwd {total:8.2f} ms  bwd {total - fwd:8.2f} ms",
                 flush=True,
             )
 
@@ -216,13 +241,23 @@ def main(argv=None):
         / get("implicit/gmres", mid, "backward_ms"),
     }
     if get("jaxopt implicit", mid, "forward_backward_ms"):
+        ours = f"implicit/{DEFAULT}"
+        for n in counts:
+            for key, label in (("forward_backward_ms", "fwd+bwd"), ("backward_ms", "backward")):
+                peer = get("jaxopt implicit", n, key)
+                if peer:
+                    ratios[f"ours_default ({DEFAULT}) / jaxopt_implicit {label} (N={n})"] = (
+                        get(ours, n, key) / peer
+                    )
         best = min(get(f"implicit/{ls}", mid, "forward_backward_ms") for ls in LINEAR_SOLVERS)
         ratios[f"ours_best / jaxopt_implicit fwd+bwd (N={mid})"] = best / get(
             "jaxopt implicit", mid, "forward_backward_ms"
         )
-        ratios[f"ours_gmres / jaxopt_implicit fwd+bwd (N={mid})"] = get(
-            "implicit/gmres", mid, "forward_backward_ms"
-        ) / get("jaxopt implicit", mid, "forward_backward_ms")
+    for n in counts:
+        leanest = min(get(f"implicit/{ls}", n, "peak_bytes") for ls in LINEAR_SOLVERS)
+        ratios[f"default peak memory / leanest solver's (N={n})"] = (
+            get(f"implicit/{DEFAULT}", n, "peak_bytes") / leanest
+        )
     print("\nratios:")
     for key, value in ratios.items():
         print(f"  {key}: {value:.2f}")
@@ -236,12 +271,17 @@ def main(argv=None):
         "xla": True,
         "tensorflow": tf.__version__,
         "cpu_count": os.cpu_count(),
+        "load_average": os.getloadavg(),
+        "versions": _versions(),
     }
     (RESULTS / f"core{suffix}.json").write_text(
         json.dumps({"meta": meta, "rows": rows, "ratios": ratios}, indent=2)
     )
     lines = [
         f"# Core benchmark (batch {batch}, width {width}, float32, XLA, CPU)",
+        "",
+        f"Load average {', '.join(f'{v:.1f}' for v in meta['load_average'])}; "
+        + ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if v),
         "",
         "| method | N | fwd+bwd (ms) | backward (ms) | peak memory (MiB) |",
         "| --- | ---: | ---: | ---: | ---: |",

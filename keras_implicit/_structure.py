@@ -154,6 +154,8 @@ def _accelerator_visible() -> bool:
 def _sum_by_matmul(x: tf.Tensor) -> bool:
     if x.shape.rank is None or x.shape.rank < 2 or x.dtype not in _MATMUL_DTYPES:
         return False
+    if x.shape[:-1].num_elements() == 1:
+        return False  # one long row: XLA's CPU reduction beats a [1, D] x [D, 1] product
     # By default GPUs run float32 matrix products in TensorFloat-32 and TPUs in
     # bfloat16 passes (~1e-3 relative error): a sum there must stay a reduction.
     return x.dtype == tf.float64 or not _accelerator_visible()
@@ -166,8 +168,8 @@ def row_sum(x: tf.Tensor, keepdims: bool = False) -> tf.Tensor:
     reduction is about 3.5x slower than its matrix-vector kernel (1024 x 1000 float32:
     0.76 vs 0.21 ms per call in a compiled loop, where jax's reduction takes 0.25 ms).
     The product accumulates in `x.dtype` like the reduction and differentiates to a
-    broadcast. Rank-1, unknown-rank and non-float inputs, and float32 or half inputs
-    when a GPU or TPU is visible, use `reduce_sum`.
+    broadcast. Rank-1, unknown-rank and non-float inputs, a single row (an unbatched
+    problem), and float32 or half inputs when a GPU or TPU is visible, use `reduce_sum`.
     """
     rank = x.shape.rank
     if not _sum_by_matmul(x):

@@ -20,6 +20,7 @@ from keras_implicit._registry import Registry, Settings
 from keras_implicit._structure import (
     SolverStats,
     broyden_root,
+    finite_rows,
     row_norm,
     row_sum,
     safe_divide,
@@ -403,17 +404,52 @@ class CG(LinearSolver):
 
 @_REGISTRY.register(keras_name="linalg.BiCGStab")
 class BiCGStab(LinearSolver):
-    """BiCGStab: general nonsymmetric systems, short recurrences, two matvecs per step."""
+    """BiCGStab: general nonsymmetric systems, short recurrences, two matvecs per step.
+
+    BiCGStab can break down (a zero inner product ends a row's progress, e.g. on a
+    skew-symmetric A) where GMRES still converges. With `fallback_restart` set, rows
+    that BiCGStab leaves unconverged are solved again by GMRES(fallback_restart),
+    started from BiCGStab's iterate and given its own `max_iter`; the fallback runs only
+    when some row needs it. Under XLA its buffers are allocated whether it runs or not
+    (restart 10 doubles BiCGStab's peak memory; 3 or less adds none but does not rescue
+    a skew-symmetric system), so it is off by default. On the fixed-point adjoint
+    I - J^T with ||J|| < 1 the symmetric part of A is positive definite and BiCGStab
+    does not break down this way.
+
+    Args:
+        fallback_restart: restart length of the GMRES fallback, or None (default) for none.
+    """
 
     name = "bicgstab"
+    _fields = (*LinearSolver._fields, "fallback_restart")
 
-    def _iterate(self, matvec, b, x0, tol):
-        return _bicgstab(matvec, b, x0, tol, self.max_iter)
+    def __init__(self, tol=1e-5, max_iter=100, ridge=0.0, fallback_restart=None):
+        super().__init__(tol=tol, max_iter=max_iter, ridge=ridge)
+        if fallback_restart is not None:
+            fallback_restart = _validation.positive_int("fallback_restart", fallback_restart)
+        self.fallback_restart = fallback_restart
+
+    def _solve(self, matvec, b, x0, tol):
+        x, iterations = _bicgstab(matvec, b, x0, tol, self.max_iter)
+        stats = _stats(matvec, b, x, iterations, tol)
+        if self.fallback_restart is None:
+            return x, stats
+
+        def rescue():
+            failed = tf.logical_not(stats.converged)
+            start = tf.where(finite_rows(x)[:, None], x, tf.zeros_like(x))
+            y, more = _gmres(matvec, b, start, tol, self.max_iter, self.fallback_restart)
+            y = tf.where(failed[:, None], y, x)
+            more = iterations + tf.where(failed, more, 0)
+            return (y, *_stats(matvec, b, y, more, tol))
+
+        out = tf.cond(tf.reduce_all(stats.converged), lambda: (x, *stats), rescue)
+        return out[0], SolverStats(*out[1:])
 
 
 @_REGISTRY.register(keras_name="linalg.GMRES")
 class GMRES(LinearSolver):
-    """Restarted GMRES: general nonsymmetric systems, monotone residual; the default.
+    """Restarted GMRES: general nonsymmetric systems, monotone residual.
 
     Args:
         restart: Krylov basis size per cycle (memory: restart + 1 vectors per row).

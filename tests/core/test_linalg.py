@@ -169,6 +169,7 @@ def test_compiled_float32(name):
         ki.linalg.GMRES(restart=5, ridge=1e-3),
         ki.linalg.CG(tol=1e-9),
         ki.linalg.BiCGStab(max_iter=7),
+        ki.linalg.BiCGStab(fallback_restart=10),
         ki.linalg.Neumann(max_iter=5),
         ki.linalg.Broyden(memory=3),
         ki.linalg.Dense(),
@@ -219,3 +220,25 @@ def test_linalg_does_not_import_the_forward_solvers():
             imported.add(node.module)
             imported.update(f"{node.module}.{alias.name}" for alias in node.names)
     assert not any("solvers" in name for name in imported), imported
+
+
+def test_bicgstab_falls_back_to_gmres_where_it_breaks_down():
+    """On a skew-symmetric A, r0 . A r0 = 0 stops BiCGStab at once; GMRES solves it.
+    The fallback touches only the failed row: the other row is BiCGStab's own answer."""
+    rng = np.random.default_rng(7)
+    half = rng.normal(size=(6, 6))
+    skew = half - half.T + 0.0
+    matrix = np.stack([skew, np.eye(6) + 0.1 * half])
+    b = rng.normal(size=(2, 6))
+    op = _operator(matrix)
+    plain_x, plain = ki.linalg.BiCGStab(tol=1e-10)(op, tf.constant(b))
+    assert not plain.converged.numpy()[0] and plain.converged.numpy()[1]
+    solver = ki.linalg.BiCGStab(tol=1e-10, fallback_restart=10)
+    x, stats = solver(op, tf.constant(b))
+    assert stats.converged.numpy().all()
+    expected = np.linalg.solve(matrix, b[..., None])[..., 0]
+    np.testing.assert_allclose(x.numpy(), expected, rtol=1e-8, atol=1e-9)
+    np.testing.assert_array_equal(x.numpy()[1], plain_x.numpy()[1])
+    assert stats.iterations.numpy()[0] > plain.iterations.numpy()[0]
+    compiled = tf.function(lambda v: solver(op, v), jit_compile=True)
+    np.testing.assert_allclose(compiled(tf.constant(b))[0].numpy(), expected, atol=1e-8)
