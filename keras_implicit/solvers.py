@@ -1,15 +1,16 @@
 """Forward solvers: fixed points, roots and minima, batched with per-row convergence.
 
 All solvers act on a packed [B, D] tensor whose rows are independent problems (see
-`_structure.Packer`). A row stops changing once it has converged (or produced a
-non-finite value), so one hard sample costs iterations but never alters the others.
+`_structure.Packer`). A row's answer stops changing once it has converged (or produced
+a non-finite value), so one hard sample costs iterations but never alters the others.
 Loops are `tf.while_loop`s with fixed-shape state, so every solver runs eagerly, in
 `tf.function` and under XLA.
 
 Every solver returns, per row, the best iterate it evaluated (the lowest residual) and
 that iterate's residual: past the precision of the dtype, iterates wander (Broyden's
 rank-one updates of roundoff can throw a row from 1e-8 to 1e-1), so the last iterate
-is not the answer. Tracking costs two `tf.where`s per iteration and no evaluation.
+is not the answer. Tracking costs two `tf.where`s per checked iteration and no
+evaluation (`FixedPointIteration(check_every=k)` checks every k-th evaluation).
 
 Residual convention (reported in `SolverStats.residual` and compared with `tol`):
 for a fixed point z = T(z) it is ||T(z) - z|| / (1 + ||z||) per row, for a root F(y) = 0
