@@ -197,6 +197,8 @@ def test_get_rejects_unknown_and_foreign_objects():
         ki.linalg.solve_gmres(lambda v: v, tf.ones([1, 2]), restart=0)
     with pytest.raises(ValueError, match="Received: tol=-1"):
         ki.linalg.CG(tol=-1)
+    with pytest.raises(ValueError, match=r"shape \[D\] or \[B, D\]. Received shape: \(1, 2, 3\)"):
+        ki.linalg.BiCGStab()(lambda v: v, tf.ones([1, 2, 3]))
 
 
 def test_settings_are_validated_once_per_solver_not_per_solve(monkeypatch):
