@@ -2,39 +2,98 @@
 
 Every entry point reduces to a root y*(x) of F(y, x) = 0:
   fixed_point: F(z, x) = z - fn(z, x);  root: F = fn;  argmin: F = grad_y f(y, x).
-The forward solver runs with gradient recording paused (its iterations are never
-stored: memory does not grow with iterations). A `tf.custom_gradient` op then attaches
-the implicit gradient: for a cotangent g on y*, solve (dF/dy)^T w = g with a matrix-free
-linear solver and return -(dF/dx)^T w to the arguments and to every variable fn reads
-(Keras weights). With nonsmooth fn, backpropagation through fn yields one element of a
-conservative Jacobian, which the nonsmooth implicit function theorem (Bolte, Le,
-Pauwels, Silveti-Falls 2021) accepts as long as dF/dy is invertible; the backward solve
-failing to converge is the symptom of that condition failing, and is reported.
+The forward solver runs unrecorded (its iterations are never stored: memory does not
+grow with iterations). One recorded op then attaches the implicit derivatives. Reverse
+mode (tapes): for a cotangent g on y*, solve (dF/dy)^T w = g with a matrix-free linear
+solver and return -(dF/dx)^T w to the arguments and to every variable fn reads (Keras
+weights). Forward mode (`tf.autodiff.ForwardAccumulator`, eagerly, in `tf.function`
+and under XLA): for tangents t_x on the arguments and variables, solve
+(dF/dy) t_y = -(dF/dx) t_x with the same linear solver (jaxopt's root_jvp); a solve that
+fails is reported as the "tangent linear solve". fn may open tapes of its own.
+
+With nonsmooth fn, backpropagation through fn yields one element of a conservative
+Jacobian, which the nonsmooth implicit function theorem (Bolte, Le, Pauwels,
+Silveti-Falls 2021) accepts as long as dF/dy is invertible; the backward solve failing
+to converge is the symptom of that condition failing, and is reported.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import contextvars
 import functools
 import warnings
 
 import tensorflow as tf
+from tensorflow.python import pywrap_tfe
+from tensorflow.python.eager import context as tf_context
+from tensorflow.python.eager import forwardprop_util, record
 
 from keras_implicit import _policy, _validation, linalg, solvers
 from keras_implicit._structure import Packer, compute_dtype, finite_rows, row_norm
 from keras_implicit.errors import ConvergenceWarning
 from keras_implicit.solvers import SolverStats
 
-try:  # TF >= 2.13
-    from tensorflow.python.eager.record import stop_recording as _tape_paused
-except ImportError:  # pragma: no cover - older layout
-    from tensorflow.python.eager.tape import stop_recording as _tape_paused
+_tape_paused = record.stop_recording
 
-# `_tape_paused()` stops every gradient tape on this thread, so the forward solve is
-# never recorded: with a tape recording, each iteration that reads a watched variable
-# would keep its activations alive (memory growing with iterations). There is no
-# public equivalent: `GradientTape.stop_recording` needs the user's tape object, and a
-# throwaway tape's `stop_recording` does not pause the others (measured).
+
+@contextlib.contextmanager
+def _recording_resumed():
+    """Undoes `_tape_paused` for a block (tapes opened inside record again)."""
+    stopped = pywrap_tfe.TFE_Py_TapeSetIsStopped()
+    if stopped:
+        pywrap_tfe.TFE_Py_TapeSetRestartOnThread()
+    try:
+        yield
+    finally:
+        if stopped:
+            pywrap_tfe.TFE_Py_TapeSetStopOnThread()
+
+
+def _call(fn, *args, **kwargs):
+    """Calls the user's fn; tapes it opens itself record even inside `_tape_paused`."""
+    with _recording_resumed():
+        return fn(*args, **kwargs)
+
+
+def _unrecorded(forward, *args):
+    """forward(*args) where no tape or forward accumulator of the caller records it.
+
+    With a tape recording, each iteration that reads a watched variable would keep
+    its activations alive (memory growing with iterations); an accumulator watching
+    such a variable would differentiate the whole loop. Tapes live per thread:
+    eagerly, `forward` runs in a thread of its own, so that tapes `fn` opens itself
+    still work. A graph is traced on the caller's thread: there recording is paused
+    around the loop, and `_call` resumes it inside fn (in a graph that costs no
+    memory: a loop op that is never differentiated keeps no intermediates).
+    """
+    if not tf.executing_eagerly():
+        with _tape_paused():
+            return forward(*args)
+    device = tf_context.context().device_name
+    keras_state = _keras_thread_state()
+
+    def run():
+        # The caller waits meanwhile, so sharing its Keras state (dtype policy,
+        # autocast scope, call context) is as if forward ran on the caller's thread.
+        for tracker, values in keras_state:
+            vars(tracker).update(values)
+        with tf.device(device):
+            return forward(*args)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(contextvars.copy_context().run, run).result()
+
+
+def _keras_thread_state():
+    """(tracker, values) pairs of Keras' thread-local global state on this thread."""
+    try:
+        from keras.src.backend.common import global_state
+    except ImportError:  # pragma: no cover - Keras layout changed
+        return []
+    trackers = (global_state.GLOBAL_STATE_TRACKER, global_state.GLOBAL_SETTINGS_TRACKER)
+    return [(tracker, dict(vars(tracker))) for tracker in trackers]
 
 
 def _to_tensor(value, dtype):
@@ -74,7 +133,7 @@ class _Problem:
         cast = tf.nest.map_structure(lambda t: tf.cast(t, self.dtype), original.structure)
         self.packer = Packer(cast, batch_dims, what=label)
         # fn computes in its own precision, so residuals cannot drop much below its
-        # roundoff: tolerances are floored there instead of never being met
+        # roundoff: tolerances are floored there, where they can be met
         self.tol_floor = _policy.tol_floor(self.original_dtype, _policy.RESIDUAL_FLOOR_ULPS)
 
     def to_user(self, y):
@@ -125,6 +184,266 @@ def _prepare(fn, y0, args, batch_dims, what):
     return problem, y0, args
 
 
+def _sanitized(values):
+    """Floating tensors with non-finite entries replaced by zero (a finite linearization point)."""
+    return [
+        tf.where(tf.math.is_finite(x), x, tf.zeros_like(x)) if x.dtype.is_floating else x
+        for x in values
+    ]
+
+
+def _strip_aux(value, has_aux: bool, name: str):
+    """(value, aux) from what `fn` returned; aux is None without has_aux."""
+    if not has_aux:
+        return value, None
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise ValueError(
+            f"With has_aux=True, `{name}` must return a pair (value, aux). "
+            f"Received: {type(value).__name__} {value!r}"
+        )
+    return value[0], value[1]
+
+
+def _constant(structure):
+    """`structure` with gradients stopped at its tensors (other leaves kept as they are)."""
+
+    def stop(leaf):
+        if isinstance(leaf, (tf.Tensor, tf.Variable)):
+            return tf.stop_gradient(leaf)
+        return leaf
+
+    return tf.nest.map_structure(stop, structure)
+
+
+class _ImplicitOp:
+    """The solution y*(x) as one differentiable op.
+
+    Tapes get the VJP -(dF/dx)^T w with (dF/dy)^T w = g; forward accumulators get the
+    JVP t_y with (dF/dy) t_y = -(dF/dx) t_x (jaxopt's root_jvp). Both solve with the
+    same matrix-free linear solver, at a finite linearization point.
+    """
+
+    def __init__(self, problem, root_fn, y_star, args, *, linear_solver, on_failure, what):
+        self.packer = problem.packer
+        self.root_fn = root_fn
+        self.y_star = y_star
+        self.args = args
+        self.n_y = len(tf.nest.flatten(y_star))
+        self.linear_solver = linear_solver
+        self.on_failure = on_failure
+        self.what = what
+
+    def residual(self, y_packed, xs):
+        """Packed F(y, *args) and fn's aux (None without has_aux)."""
+        arg_struct = tf.nest.pack_sequence_as(self.args, list(xs))
+        value, aux = self.root_fn(self.packer.unpack(y_packed), *arg_struct)
+        return self.packer.pack(value, what="fn(z0)"), aux
+
+    def linearization_point(self, y_packed, xs):
+        """Rows to keep (finite solution and batched inputs), y and inputs made finite.
+
+        Inputs are cleaned entry by entry, not by row: whether a tensor's leading axis
+        is the batch cannot be told from its shape (a [B, B] weight looks batched).
+        """
+        ok_rows = finite_rows(y_packed)
+        for x in xs:
+            if self.packer.is_batched_like(x) and x.dtype.is_floating:
+                ok_rows &= self.packer.finite_batch_rows(x)
+        y_safe = tf.where(ok_rows[:, None], y_packed, tf.zeros_like(y_packed))
+        return ok_rows, y_safe, _sanitized(xs)
+
+    def linear_solve(self, matvec, rhs, ok_rows, *, direction):
+        """Solves matvec(u) = rhs under the failure policy; failed rows come back zero."""
+        u, stats = self.linear_solver(matvec, rhs)
+        ok_rows &= finite_rows(u)
+        u = tf.where(ok_rows[:, None], u, tf.zeros_like(u))
+        converged = tf.logical_and(stats.converged, ok_rows)
+        u = _policy.apply(
+            u,
+            converged,
+            stats.residual,
+            on_failure=self.on_failure,
+            what=f"{self.what}: {direction} linear solve ({self.linear_solver.name})",
+            tol=self.linear_solver.tol,
+            iterations=stats.iterations,
+        )
+        return u, SolverStats(stats.iterations, stats.residual, converged)
+
+    def vjp(self, inputs, upstream, variables):
+        """Gradients for the args and `variables`, for cotangents `upstream` on y."""
+        ys, xs = inputs[: self.n_y], inputs[self.n_y :]
+        y_packed = self.packer.pack(tf.nest.pack_sequence_as(self.y_star, list(ys)))
+        cotangent = self.packer.pack(
+            [tf.zeros_like(y) if g is None else tf.cast(g, y.dtype) for g, y in zip(upstream, ys)]
+        )
+        # Rows whose solution, batched inputs or cotangent are not finite send no
+        # gradient: a VJP multiplies a zero cotangent by the local derivative, and
+        # 0 * NaN would leak a broken row into every parameter gradient (a sum over
+        # the batch).
+        ok_rows, y_safe, xs_safe = self.linearization_point(y_packed, xs)
+        ok_rows &= finite_rows(cotangent)
+        cotangent = tf.where(ok_rows[:, None], cotangent, tf.zeros_like(cotangent))
+
+        # F is evaluated once; every matvec reuses its recorded linearization
+        # (only the VJP runs inside the solver's loop, as jax.vjp would do)
+        with tf.GradientTape(watch_accessed_variables=False, persistent=True) as linear:
+            linear.watch(y_safe)
+            residual_at_solution, _ = self.residual(y_safe, xs_safe)
+
+        def matvec(v):  # (dF/dy)^T v
+            return linear.gradient(
+                residual_at_solution,
+                y_safe,
+                output_gradients=v,
+                unconnected_gradients=tf.UnconnectedGradients.ZERO,
+            )
+
+        w, stats = self.linear_solve(matvec, cotangent, ok_rows, direction="backward")
+        differentiable = [i for i, x in enumerate(xs) if x.dtype.is_floating]
+        sources = [xs_safe[i] for i in differentiable] + list(variables)
+        grads = []
+        if sources:
+            with tf.GradientTape(watch_accessed_variables=False) as tape:
+                tape.watch(sources)
+                out, _ = self.residual(y_safe, xs_safe)
+            grads = tape.gradient(
+                out,
+                sources,
+                output_gradients=-w,
+                unconnected_gradients=tf.UnconnectedGradients.ZERO,
+            )
+        arg_grads = [None] * len(xs)
+        for i, g in zip(differentiable, grads):
+            arg_grads[i] = g
+        return arg_grads, list(grads[len(differentiable) :]), stats
+
+    def jvp_linearization(self, inputs, variables, tangents):
+        """Tapes whose transposed VJPs give F's JVPs, for the tangents of the inputs.
+
+        `tangents` are those of the inputs (y's own, the args', the variables'). Every
+        JVP of F is the transpose of its VJP u -> (dF/d.)^T u (linear in u, so any u
+        will do): F is evaluated once, and no forward accumulator of its own runs.
+        """
+        # stopped, so that an outer accumulator does not differentiate this computation
+        inputs = [tf.stop_gradient(t) for t in inputs]
+        ys, xs = inputs[: self.n_y], inputs[self.n_y :]
+        y_packed = self.packer.pack(tf.nest.pack_sequence_as(self.y_star, list(ys)))
+        ok_rows, y_safe, xs_safe = self.linearization_point(y_packed, xs)
+        sources, directions = [], []
+        for x, t in zip(xs_safe, tangents[self.n_y : len(inputs)]):
+            if x.dtype.is_floating and t is not None:
+                sources.append(x)
+                directions.append(tf.cast(t, x.dtype))
+        for v, t in zip(variables, tangents[len(inputs) :]):
+            if t is not None:
+                sources.append(v)
+                directions.append(tf.cast(t, v.dtype))
+        zero = tf.UnconnectedGradients.ZERO
+        with tf.GradientTape(persistent=True) as transpose:
+            u = tf.zeros_like(y_safe)
+            transpose.watch(u)
+            with tf.GradientTape(watch_accessed_variables=False) as linear:
+                linear.watch([y_safe, *sources])
+                out, _ = self.residual(y_safe, xs_safe)
+            vjp_y, *vjp_sources = linear.gradient(
+                out, [y_safe, *sources], output_gradients=u, unconnected_gradients=zero
+            )
+        return ok_rows, transpose, u, vjp_y, (vjp_sources, directions)
+
+    def tangent(self, ok_rows, transpose, u, vjp_y, sources):
+        """Solves (dF/dy) t_y = -(dF/dx) t_x - (dF/dv) t_v on `jvp_linearization`'s tapes."""
+        zero = tf.UnconnectedGradients.ZERO
+        vjp_sources, directions = sources
+        if vjp_sources:
+            rhs = -transpose.gradient(
+                vjp_sources, u, output_gradients=directions, unconnected_gradients=zero
+            )
+        else:
+            rhs = tf.zeros_like(u)
+        ok_rows &= finite_rows(rhs)
+        rhs = tf.where(ok_rows[:, None], rhs, tf.zeros_like(rhs))
+
+        def matvec(v):  # (dF/dy) v
+            return transpose.gradient(vjp_y, u, output_gradients=v, unconnected_gradients=zero)
+
+        t_y, _ = self.linear_solve(matvec, rhs, ok_rows, direction="tangent")
+        return tf.nest.flatten(self.packer.unpack(t_y))
+
+    def attach(self, y_leaves, arg_leaves, *, check_tol, iterations, backward_callback):
+        """y* as an op of the args and the variables fn reads; also F's report and aux."""
+        report = {}
+
+        @tf.custom_gradient
+        def attach(*inputs):
+            ys, xs = inputs[: self.n_y], inputs[self.n_y :]
+            y_packed = self.packer.pack(tf.nest.pack_sequence_as(self.y_star, list(ys)))
+            # Evaluating F at the solution measures the true final residual, gives
+            # fn's aux there, and shows which variables fn reads. It records (argmin's
+            # F takes a gradient), on stopped inputs: the caller's tapes and
+            # accumulators get the derivatives from this op alone.
+            with _recording_resumed():
+                value, report["aux"] = self.residual(y_packed, _constant(list(xs)))
+            residual = row_norm(value) / (1.0 + row_norm(y_packed))
+            converged = tf.logical_and(residual <= check_tol, tf.math.is_finite(residual))
+            report["residual"], report["converged"] = residual, converged
+            y_out = _policy.apply(
+                y_packed,
+                converged,
+                residual,
+                on_failure=self.on_failure,
+                what=f"{self.what}: forward solve",
+                tol=check_tol,
+                iterations=iterations,
+            )
+
+            def grad_fn(*upstream, variables=None):
+                return backward(inputs, upstream, variables)
+
+            return tf.nest.flatten(self.packer.unpack(y_out)), grad_fn
+
+        def backward(inputs, upstream, variables):
+            arg_grads, var_grads, stats = self.vjp(inputs, upstream, variables or [])
+            if backward_callback is not None:
+                backward_callback(SolverStats(*map(self.packer.unbatch_stats, stats)))
+            input_grads = [None] * self.n_y + arg_grads
+            return input_grads if variables is None else (input_grads, var_grads)
+
+        inputs = list(y_leaves) + list(arg_leaves)
+        # tf.custom_gradient runs unrecorded: in graphs it still gives the symbolic
+        # gradient (tf.gradients, an outer tape around a tf.function); tapes and
+        # forward accumulators get this op recorded below with its JVP as well.
+        with _tape_paused(), record.VariableWatcher() as watcher:
+            outputs = attach(*inputs)
+        variables = _unique_variables(watcher.watched_variables())
+        recorded = inputs + [tf.convert_to_tensor(v) for v in variables]
+
+        def backward_function(*upstream):
+            input_grads, var_grads = backward(inputs, upstream, variables)
+            return list(input_grads) + list(var_grads)
+
+        def forward_function(*tangents):
+            # Tapes record while an accumulator processes an op only under a pushed
+            # state; the solve's loop runs outside it, so that the accumulator does
+            # not differentiate it too (a variable it watches reaches the loop).
+            with forwardprop_util.push_forwardprop_state():
+                linearization = self.jvp_linearization(inputs, variables, tangents)
+            return self.tangent(*linearization)
+
+        record.record_operation(
+            f"implicit_{self.what}", outputs, recorded, backward_function, forward_function
+        )
+        return outputs, report
+
+
+def _unique_variables(variables):
+    seen, unique = set(), []
+    for v in variables:
+        if v.ref() not in seen:
+            seen.add(v.ref())
+            unique.append(v)
+    return unique
+
+
 def _implicit(
     problem: _Problem,
     root_fn,
@@ -135,15 +454,17 @@ def _implicit(
     linear_solver,
     check_tol,
     on_failure,
-    return_stats,
     backward_callback,
     what,
     pause_tapes=True,
 ):
-    """Runs `forward` (recording paused if `pause_tapes`), then attaches the implicit gradient.
+    """Runs `forward` (recording paused if `pause_tapes`), then attaches the implicit derivatives.
 
-    root_fn(y, *args): the residual F on structures (already cast), zero at the solution.
-    forward(y0, args) -> (y, iterations or None), called on stopped arguments.
+    root_fn(y, *args) -> (F, aux): the residual F on structures (already cast), zero at
+    the solution, and fn's aux (None without has_aux).
+    forward(y0, args) -> (y, iterations or None, aux or None), called on stopped
+    arguments; its aux (a solver's, for custom_*) takes precedence over fn's.
+    Returns (y, stats, aux), aux with gradients stopped.
     """
     packer = problem.packer
     on_failure = _policy.check_policy(on_failure)
@@ -154,134 +475,31 @@ def _implicit(
     # tapes recording; stop_gradient on their output still keeps the outer gradient out
     # of the loop (in graphs that is all it takes: nothing differentiates through the
     # loop, so it keeps no intermediates).
-    with _tape_paused() if pause_tapes else contextlib.nullcontext():
-        y_star, iterations = forward(y0, stopped)
+    if pause_tapes:
+        y_star, iterations, solver_aux = _unrecorded(forward, y0, stopped)
+    else:
+        y_star, iterations, solver_aux = forward(y0, stopped)
     y_star = tf.nest.map_structure(tf.stop_gradient, packer.unpack(packer.pack(y_star)))
 
-    y_leaves = tf.nest.flatten(y_star)
-    arg_leaves = tf.nest.flatten(args)
-    n_y = len(y_leaves)
-    report = {}
-
-    def packed_residual(y_packed, arg_values):
-        arg_struct = tf.nest.pack_sequence_as(args, list(arg_values))
-        return packer.pack(root_fn(packer.unpack(y_packed), *arg_struct), what="fn(z0)")
-
-    @tf.custom_gradient
-    def attach(*inputs):
-        ys, xs = inputs[:n_y], inputs[n_y:]
-        y_packed = packer.pack(tf.nest.pack_sequence_as(y_star, list(ys)))
-        # Evaluating F at the solution both measures the true final residual and lets
-        # custom_gradient see which variables fn reads (their gradients are returned).
-        residual = row_norm(packed_residual(y_packed, xs)) / (1.0 + row_norm(y_packed))
-        converged = tf.logical_and(residual <= check_tol, tf.math.is_finite(residual))
-        report["residual"], report["converged"] = residual, converged
-        y_out = _policy.apply(
-            y_packed,
-            converged,
-            residual,
-            on_failure=on_failure,
-            what=f"{what}: forward solve",
-            tol=check_tol,
-            iterations=iterations,
-        )
-
-        def grad_fn(*upstream, variables=None):
-            cotangent = packer.pack(
-                [
-                    tf.zeros_like(y) if g is None else tf.cast(g, y.dtype)
-                    for g, y in zip(upstream, ys)
-                ]
-            )
-            # Rows whose solution, batched inputs or cotangent are not finite send no
-            # gradient, and the linearization point is made finite: a VJP multiplies a
-            # zero cotangent by the local derivative, and 0 * NaN would leak a broken
-            # row into every parameter gradient (a sum over the batch). Inputs are
-            # cleaned entry by entry, not by row: whether a tensor's leading axis is the
-            # batch cannot be told from its shape (a [B, B] weight looks batched).
-            ok_rows = finite_rows(y_packed) & finite_rows(cotangent)
-            for x in xs:
-                if packer.is_batched_like(x) and x.dtype.is_floating:
-                    ok_rows &= packer.finite_batch_rows(x)
-            y_safe = tf.where(ok_rows[:, None], y_packed, tf.zeros_like(y_packed))
-            cotangent = tf.where(ok_rows[:, None], cotangent, tf.zeros_like(cotangent))
-
-            def sanitized(values):
-                return [
-                    tf.where(tf.math.is_finite(x), x, tf.zeros_like(x))
-                    if x.dtype.is_floating
-                    else x
-                    for x in values
-                ]
-
-            xs_safe = sanitized(xs)
-
-            # F is evaluated once; every matvec reuses its recorded linearization
-            # (only the VJP runs inside the solver's loop, as jax.vjp would do)
-            with tf.GradientTape(watch_accessed_variables=False, persistent=True) as linear:
-                linear.watch(y_safe)
-                residual_at_solution = packed_residual(y_safe, xs_safe)
-
-            def matvec(v):  # (dF/dy)^T v
-                return linear.gradient(
-                    residual_at_solution,
-                    y_safe,
-                    output_gradients=v,
-                    unconnected_gradients=tf.UnconnectedGradients.ZERO,
-                )
-
-            w, stats = linear_solver(matvec, cotangent)
-            ok_rows &= finite_rows(w)
-            w = tf.where(ok_rows[:, None], w, tf.zeros_like(w))
-            back_converged = tf.logical_and(stats.converged, ok_rows)
-            w = _policy.apply(
-                w,
-                back_converged,
-                stats.residual,
-                on_failure=on_failure,
-                what=f"{what}: backward linear solve ({linear_solver.name})",
-                tol=linear_solver.tol,
-                iterations=stats.iterations,
-            )
-            if backward_callback is not None:
-                backward_callback(
-                    SolverStats(
-                        packer.unbatch_stats(stats.iterations),
-                        packer.unbatch_stats(stats.residual),
-                        packer.unbatch_stats(back_converged),
-                    )
-                )
-
-            differentiable = [i for i, x in enumerate(xs) if x.dtype.is_floating]
-            sources = [xs[i] for i in differentiable] + list(variables or [])
-            if sources:
-                with tf.GradientTape(watch_accessed_variables=False) as tape:
-                    tape.watch(sources)
-                    out = packed_residual(y_safe, sanitized(xs))
-                grads = tape.gradient(
-                    out,
-                    sources,
-                    output_gradients=-w,
-                    unconnected_gradients=tf.UnconnectedGradients.ZERO,
-                )
-            else:
-                grads = []
-            arg_grads = [None] * len(xs)
-            for i, g in zip(differentiable, grads):
-                arg_grads[i] = g
-            input_grads = [None] * n_y + arg_grads
-            if variables is None:
-                return input_grads
-            return input_grads, grads[len(differentiable) :]
-
-        return tf.nest.flatten(packer.unpack(y_out)), grad_fn
-
-    out = attach(*y_leaves, *arg_leaves)
-    out = tf.nest.pack_sequence_as(y_star, tf.nest.flatten(out))
+    op = _ImplicitOp(
+        problem,
+        root_fn,
+        y_star,
+        args,
+        linear_solver=linear_solver,
+        on_failure=on_failure,
+        what=what,
+    )
+    out, report = op.attach(
+        tf.nest.flatten(y_star),
+        tf.nest.flatten(args),
+        check_tol=check_tol,
+        iterations=iterations,
+        backward_callback=backward_callback,
+    )
+    out = tf.nest.pack_sequence_as(y_star, out)
     if problem.original_dtype != problem.dtype:
         out = tf.nest.map_structure(lambda t: tf.cast(t, problem.original_dtype), out)
-    if not return_stats:
-        return out
     if iterations is None:
         iterations = tf.fill(tf.shape(report["residual"]), -1)
     stats = SolverStats(
@@ -289,7 +507,14 @@ def _implicit(
         packer.unbatch_stats(report["residual"]),
         packer.unbatch_stats(report["converged"]),
     )
-    return out, stats
+    aux = solver_aux if solver_aux is not None else report["aux"]
+    return out, stats, _constant(aux)
+
+
+def _returned(out, stats, aux, *, has_aux, return_stats):
+    """What an entry point returns: y, then aux (has_aux), then stats (return_stats)."""
+    result = (out,) + ((aux,) if has_aux else ()) + ((stats,) if return_stats else ())
+    return result[0] if len(result) == 1 else result
 
 
 def _builtin_forward(problem, solve):
@@ -298,7 +523,7 @@ def _builtin_forward(problem, solve):
 
     def forward(y0, args):
         y, stats = solve(packer.pack(y0), args)
-        return packer.unpack(y), stats.iterations
+        return packer.unpack(y), stats.iterations, None
 
     return forward
 
@@ -322,7 +547,7 @@ def _run_builtin(kind, fn, y0, args, settings, build):
         problem, y0, args = _prepare(fn, y0, args, settings["batch_dims"], kind)
         forward_solver = problem.floor(forward_solver, what=kind)
         root_fn, solve = build(problem, forward_solver)
-        return _implicit(
+        out, stats, aux = _implicit(
             problem,
             root_fn,
             y0,
@@ -331,12 +556,14 @@ def _run_builtin(kind, fn, y0, args, settings, build):
             linear_solver=backward,
             check_tol=forward_solver.tol,
             on_failure=settings["on_failure"],
-            return_stats=settings["return_stats"],
             backward_callback=settings["backward_callback"],
             what=kind,
             # argmin's L-BFGS takes gradients of f itself, so tapes must record there
             pause_tapes=kind != "argmin",
         )
+    return _returned(
+        out, stats, aux, has_aux=settings["has_aux"], return_stats=settings["return_stats"]
+    )
 
 
 def _settings(local_vars):
@@ -353,6 +580,7 @@ def _settings(local_vars):
         "on_failure",
         "return_stats",
         "backward_callback",
+        "has_aux",
     )
     return {key: local_vars[key] for key in keys}
 
@@ -372,6 +600,7 @@ def fixed_point(
     on_failure="warn",
     return_stats=False,
     backward_callback=None,
+    has_aux=False,
 ):
     """Returns z with z = fn(z, *args), differentiable w.r.t. args and captured variables.
 
@@ -393,23 +622,33 @@ def fixed_point(
             problems (1 for a DEQ batch): convergence is then judged per row.
         on_failure: "warn" (default), "raise" or "ignore" when the forward or backward
             solve does not reach its tolerance or produces non-finite values.
-        return_stats: also return the forward `SolverStats`.
+        return_stats: also return the forward `SolverStats` (after aux, if any).
         backward_callback: called with the backward `SolverStats` when the gradient is
-            computed (may assign to tf.Variables; works in graphs and under XLA).
+            computed (may assign to tf.Variables; works in graphs and under XLA); not
+            called for forward-mode (tangent) solves.
+        has_aux: fn returns a pair (value, aux); the call then returns (z, aux), or
+            (z, aux, stats) with return_stats. aux is fn's auxiliary output at the
+            returned z, with gradients stopped (jaxopt's has_aux): to differentiate a
+            quantity of the solution, compute it from the returned z.
+
+    Forward mode: under `tf.autodiff.ForwardAccumulator` the result carries the
+    implicit JVP (tangents on args and on variables fn reads), solved by linear_solver.
     """
     settings = _settings(locals())
 
     def build(problem, forward_solver):
         def mapped(z, *a):
-            return problem.cast_output(fn(problem.to_user(z), *a))
+            value, aux = _strip_aux(_call(fn, problem.to_user(z), *a), has_aux, "fn")
+            return problem.cast_output(value), aux
 
         def root_fn(z, *a):
-            return tf.nest.map_structure(tf.subtract, z, mapped(z, *a))
+            value, aux = mapped(z, *a)
+            return tf.nest.map_structure(tf.subtract, z, value), aux
 
         def solve(zp, a):
             packer = problem.packer
             return forward_solver.solve_fixed_point(
-                lambda v: packer.pack(mapped(packer.unpack(v), *a)), zp
+                lambda v: packer.pack(mapped(packer.unpack(v), *a)[0]), zp
             )
 
         return root_fn, solve
@@ -432,22 +671,26 @@ def root(
     on_failure="warn",
     return_stats=False,
     backward_callback=None,
+    has_aux=False,
 ):
     """Returns y with fn(y, *args) = 0, differentiable w.r.t. args and captured variables.
 
     The backward pass solves (dfn/dy)^T w = g. Forward solvers other than Broyden iterate
-    y <- y - fn(y), which needs dfn/dy close to the identity. Arguments as `fixed_point`.
+    y <- y - fn(y), which needs dfn/dy close to the identity. Arguments, has_aux (fn
+    returns (value, aux); the call returns y, aux[, stats]) and forward mode as
+    `fixed_point`.
     """
     settings = _settings(locals())
 
     def build(problem, forward_solver):
         def root_fn(y, *a):
-            return problem.cast_output(fn(problem.to_user(y), *a))
+            value, aux = _strip_aux(_call(fn, problem.to_user(y), *a), has_aux, "fn")
+            return problem.cast_output(value), aux
 
         def solve(yp, a):
             packer = problem.packer
             return forward_solver.solve_root(
-                lambda v: packer.pack(root_fn(packer.unpack(v), *a)), yp
+                lambda v: packer.pack(root_fn(packer.unpack(v), *a)[0]), yp
             )
 
         return root_fn, solve
@@ -470,6 +713,7 @@ def argmin(
     on_failure="warn",
     return_stats=False,
     backward_callback=None,
+    has_aux=False,
 ):
     """Returns a minimizer x of a smooth f(x, *args), differentiable w.r.t. args.
 
@@ -485,7 +729,10 @@ def argmin(
     Args:
         f: callable (x, *args) -> scalar (batch_dims=0) or one value per batch row.
         solver: "lbfgs" (TFP's L-BFGS, default) or a root solver applied to grad f.
-        Other arguments as `fixed_point`; convergence: ||grad f|| / (1 + ||x||) <= tol.
+        has_aux: f returns (value, aux); the call returns x, aux[, stats], aux at the
+            returned x without gradient.
+        Other arguments and forward mode as `fixed_point`; convergence:
+        ||grad f|| / (1 + ||x||) <= tol.
     """
     settings = _settings(locals())
 
@@ -493,20 +740,22 @@ def argmin(
         packer = problem.packer
 
         def objective(x, *a):
-            value = tf.cast(tf.convert_to_tensor(f(problem.to_user(x), *a)), problem.dtype)
+            value, aux = _strip_aux(_call(f, problem.to_user(x), *a), has_aux, "f")
+            value = tf.cast(tf.convert_to_tensor(value), problem.dtype)
             if batch_dims == 0 and value.shape.rank not in (None, 0):
                 raise ValueError(
                     f"`f` must return a scalar when batch_dims=0. Received shape: {value.shape}"
                 )
-            return tf.reshape(value, [-1])
+            return tf.reshape(value, [-1]), aux
 
         def root_fn(x, *a):
             leaves = tf.nest.flatten(x)
             with tf.GradientTape(watch_accessed_variables=False) as tape:
                 tape.watch(leaves)
-                value = tf.reduce_sum(objective(tf.nest.pack_sequence_as(x, leaves), *a))
+                value, aux = objective(tf.nest.pack_sequence_as(x, leaves), *a)
+                value = tf.reduce_sum(value)
             grads = tape.gradient(value, leaves, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-            return tf.nest.pack_sequence_as(x, grads)
+            return tf.nest.pack_sequence_as(x, grads), aux
 
         if isinstance(forward_solver, solvers.LBFGS):
 
@@ -514,7 +763,7 @@ def argmin(
                 def value_and_gradient(v):
                     with tf.GradientTape(watch_accessed_variables=False) as tape:
                         tape.watch(v)
-                        value = objective(packer.unpack(v), *a)
+                        value = objective(packer.unpack(v), *a)[0]
                     return value, tape.gradient(value, v)
 
                 return forward_solver.minimize(value_and_gradient, xp)
@@ -522,7 +771,7 @@ def argmin(
 
             def solve(xp, a):
                 return forward_solver.solve_root(
-                    lambda v: packer.pack(root_fn(packer.unpack(v), *a)), xp
+                    lambda v: packer.pack(root_fn(packer.unpack(v), *a)[0]), xp
                 )
 
         return root_fn, solve
@@ -530,45 +779,41 @@ def argmin(
     return _run_builtin("argmin", f, x0, args, settings, build)
 
 
-def _custom(
-    kind,
-    fn,
-    linear_solver,
-    tol,
-    backward_tol,
-    backward_max_iter,
-    backward_ridge,
-    batch_dims,
-    on_failure,
-    return_stats,
-    backward_callback,
-):
+def _custom(kind, fn, settings):
+    """The decorator behind custom_fixed_point and custom_root."""
     backward = linalg.get(
-        linear_solver, tol=backward_tol, max_iter=backward_max_iter, ridge=backward_ridge
+        settings["linear_solver"],
+        tol=settings["backward_tol"],
+        max_iter=settings["backward_max_iter"],
+        ridge=settings["backward_ridge"],
     )
-    check_tol = _validation.non_negative_float("tol", tol)
-    _policy.check_policy(on_failure)
+    check_tol = _validation.non_negative_float("tol", settings["tol"])
+    _policy.check_policy(settings["on_failure"])
+    has_aux = settings["has_aux"]
 
     def decorator(solver):
         if not callable(solver):
             raise ValueError(f"The decorated solver must be callable. Received: {solver!r}")
 
         @functools.wraps(solver)
-        def solve(y0, *args):
+        def solve(y0, *args, **kwargs):
+            # keyword arguments reach the solver and fn as constants (not differentiated)
+            kwargs = _constant(kwargs)
             with tf.name_scope(f"custom_{kind}"):
-                problem, y0_, args_ = _prepare(fn, y0, args, batch_dims, kind)
+                problem, y0_, args_ = _prepare(fn, y0, args, settings["batch_dims"], kind)
 
                 def root_fn(y, *a):
-                    out = problem.cast_output(fn(problem.to_user(y), *a))
+                    out = problem.cast_output(fn(problem.to_user(y), *a, **kwargs))
                     if kind == "fixed_point":
-                        return tf.nest.map_structure(tf.subtract, y, out)
-                    return out
+                        return tf.nest.map_structure(tf.subtract, y, out), None
+                    return out, None
 
                 def forward(y, a):
-                    result = solver(problem.to_user(y), *a)
-                    return problem.cast_output(result, name="the solver"), None
+                    result = solver(problem.to_user(y), *a, **kwargs)
+                    result, aux = _strip_aux(result, has_aux, "the solver")
+                    return problem.cast_output(result, name="the solver"), None, aux
 
-                return _implicit(
+                out, stats, aux = _implicit(
                     problem,
                     root_fn,
                     y0_,
@@ -576,12 +821,14 @@ def _custom(
                     forward,
                     linear_solver=backward,
                     check_tol=check_tol,
-                    on_failure=on_failure,
-                    return_stats=return_stats,
-                    backward_callback=backward_callback,
+                    on_failure=settings["on_failure"],
+                    backward_callback=settings["backward_callback"],
                     what=f"custom_{kind}",
                     pause_tapes=False,
                 )
+            return _returned(
+                out, stats, aux, has_aux=has_aux, return_stats=settings["return_stats"]
+            )
 
         return solve
 
@@ -600,6 +847,7 @@ def custom_fixed_point(
     on_failure="warn",
     return_stats=False,
     backward_callback=None,
+    has_aux=False,
 ):
     """Decorator giving any fixed-point solver of `fn` implicit gradients.
 
@@ -609,23 +857,17 @@ def custom_fixed_point(
     at the returned point. `tol` judges the returned point (residual
     ||z - fn(z)|| / (1 + ||z||)) under `on_failure`. Other arguments as `fixed_point`.
 
+    Keyword arguments of the decorated function, `solver(z0, *args, **kwargs)`, reach
+    both the solver and `fn(z, *args, **kwargs)`; they are constants: only the
+    positional args (and the variables fn reads) are differentiated, as in jaxopt.
+    has_aux=True: the solver returns (z, aux) (jaxopt's custom_root has_aux); the
+    call returns z, aux[, stats], aux without gradient. Forward mode as `fixed_point`.
+
     The solver runs with tapes recording, so it may take gradients itself; in eager
     mode one that reads trainable variables under an outer tape therefore keeps its
     activations until that tape is released (graph mode is unaffected).
     """
-    return _custom(
-        "fixed_point",
-        fn,
-        linear_solver,
-        tol,
-        backward_tol,
-        backward_max_iter,
-        backward_ridge,
-        batch_dims,
-        on_failure,
-        return_stats,
-        backward_callback,
-    )
+    return _custom("fixed_point", fn, locals())
 
 
 def custom_root(
@@ -640,21 +882,13 @@ def custom_root(
     on_failure="warn",
     return_stats=False,
     backward_callback=None,
+    has_aux=False,
 ):
-    """Decorator giving any root solver of `fn` implicit gradients (see custom_fixed_point)."""
-    return _custom(
-        "root",
-        fn,
-        linear_solver,
-        tol,
-        backward_tol,
-        backward_max_iter,
-        backward_ridge,
-        batch_dims,
-        on_failure,
-        return_stats,
-        backward_callback,
-    )
+    """Decorator giving any root solver of `fn` implicit gradients.
+
+    Keyword arguments, has_aux and forward mode as `custom_fixed_point`.
+    """
+    return _custom("root", fn, locals())
 
 
 __all__ = ["argmin", "custom_fixed_point", "custom_root", "fixed_point", "root"]
