@@ -324,8 +324,8 @@ def test_get_param_unknown_name():
 
 
 def test_static_shapes_survive_eager_calls_with_many_shapes():
-    """Regression: eager calls at several shapes relax the ops' internal graph
-    functions; symbolic Keras calls afterwards must still get fully static shapes."""
+    """Eager calls at several shapes relax the ops' internal graph functions;
+    symbolic Keras calls afterwards must still get fully static shapes."""
     for n in (3, 4, 5):
         ops.projection_simplex(np.ones((2, n), "float32"))
         ops.projection_exp_cone(np.ones((n, 3), "float32"))

@@ -9,7 +9,7 @@ homogeneous in (x, set parameters), P(s x; p) = s P(x; p / s), and its Jacobian 
   rescaled problem is the unit one;
 * "fixed": the parameters keep their unit-scale values while x grows or shrinks, so
   the rescaled problem has a tiny or huge radius/value (1e-30 with |x| ~ 1, ...).
-  This is where float32 used to return an all-zero simplex projection.
+  A naive float32 simplex threshold returns all zeros here.
 
 Checked: finiteness of the output and of the Jacobian, feasibility, agreement with
 the reference (hence optimality: projections onto convex sets are unique), and the
@@ -379,7 +379,8 @@ def test_projection_with_parameters_fixed(name, dtype, scale):
 
 @pytest.mark.parametrize("dtype", [tf.float32, tf.float64])
 def test_simplex_examples_from_the_issue(dtype):
-    """The float32 cases that used to return all zeros (sum 0, not 1)."""
+    """Entries ~1e9 next to a value of 1: a naive float32 threshold x - tau loses the
+    value entirely (sum 0, not 1)."""
     y = np.asarray(ops.projection_simplex(tf.constant([3e9, 2e9, 1e9], dtype)))
     np.testing.assert_array_equal(y, [1.0, 0.0, 0.0])
     y = np.asarray(ops.projection_simplex(tf.constant([3e9, 2e9, 1e9], dtype), 0.8))
@@ -438,8 +439,8 @@ def test_float32_near_the_largest_float(name):
 
 @pytest.mark.parametrize("dtype", [tf.float32, tf.float64])
 def test_exp_cone_jacobian_finite_for_every_direction(dtype):
-    """20000 random directions: the Jacobian is finite (the implicit formula used to
-    overflow for roots rho ~ 100..2000, next to the region x <= 0, y <= 0)."""
+    """20000 random directions: the Jacobian is finite (a direct implicit formula
+    overflows for roots rho ~ 100..2000, next to the region x <= 0, y <= 0)."""
     x = np.random.default_rng(1).normal(size=(20000, 3))
     x /= np.abs(x).max(-1, keepdims=True)
     xt = tf.constant(x, dtype)
@@ -453,7 +454,8 @@ def test_exp_cone_jacobian_finite_for_every_direction(dtype):
 def test_exp_cone_jacobian_next_to_the_special_region(dtype):
     """Points just right of x = 0 with y < 0 (roots rho of 126 and 2065): the
     Jacobian is diag(0, 0, 1) to within 1e-50, by central differences of the
-    100-digit mpmath projection. float64 used to give d z / d x = 6e37 here."""
+    100-digit mpmath projection (a direct implicit formula gives d z / d x = 6e37
+    in float64 here)."""
     pts = np.array([[0.00794681, -1.0, 0.09122577], [3.5173386e-04, -0.726139088, 1.0]])
     xt = tf.constant(pts, dtype)
     with tf.GradientTape(persistent=True) as tape:
