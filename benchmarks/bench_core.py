@@ -5,7 +5,8 @@ forward iterations, N in {25, 50, 100, 200}. jaxopt runs exactly N (tol=0); ours
 for tol=0, which `ki.fixed_point` raises to the float32 floor (2 machine epsilons,
 2.4e-7), reached after about 14 iterations, so N caps our forward: compare backward
 times for the backward solvers.
-For each method: forward+backward time (XLA, median of repeats), backward time
+For each method: forward+backward time (XLA, median of repeats, all methods of one N
+timed round-robin so that they share the machine's load), backward time
 (forward+backward minus forward alone) and peak memory of forward+backward (BFC
 allocator statistics). Peer: jaxopt's FixedPointIteration with implicit
 differentiation (its default normal-CG backward), jit-compiled, when JAX is installed.
@@ -56,15 +57,21 @@ def make_problem(batch, width, seed=0):
     return w, x
 
 
-def timed(fn, repeats):
-    fn()  # compile
-    samples = []
+def _seconds(fn):
+    start = time.perf_counter()
+    tf.nest.map_structure(np.asarray, fn())
+    return time.perf_counter() - start
+
+
+def timed_together(functions, repeats):
+    """Median ms of each function, timed round-robin so that all see the same load."""
+    for fn in functions.values():
+        fn()  # compile
+    samples = {name: [] for name in functions}
     for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        tf.nest.map_structure(np.asarray, out)
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples) * 1e3
+        for name, fn in functions.items():
+            samples[name].append(_seconds(fn))
+    return {name: statistics.median(times) * 1e3 for name, times in samples.items()}
 
 
 def peak_memory(fn):
@@ -190,35 +197,30 @@ def main(argv=None):
     w, x = make_problem(batch, width)
     rows = []
     for n in counts:
-        for name, (full, forward) in tf_methods(w, x, n).items():
-            total, fwd = timed(full, repeats), timed(forward, repeats)
+        methods = {**tf_methods(w, x, n), **jaxopt_methods(w, x, n)}
+        times = timed_together(
+            {
+                (name, part): fn
+                for name, pair in methods.items()
+                for part, fn in zip(("full", "forward"), pair)
+            },
+            repeats,
+        )
+        for name, (full, _) in methods.items():
+            total, fwd = times[(name, "full")], times[(name, "forward")]
+            peak = None if name.startswith("jaxopt") else peak_memory(full)
             rows.append(
                 {
                     "method": name,
                     "iterations": n,
                     "forward_backward_ms": total,
                     "backward_ms": max(total - fwd, 0.0),
-                    "peak_bytes": peak_memory(full),
+                    "peak_bytes": peak,
                 }
             )
+            memory = "" if peak is None else f"  peak {peak / 2**20:7.2f} MiB"
             print(
-                f"N={n:4d} {name:32s} fwd+bwd {total:8.2f} ms  bwd {total - fwd:8.2f} ms  "
-                f"peak {rows[-1]['peak_bytes'] / 2**20:7.2f} MiB",
-                flush=True,
-            )
-        for name, (full, forward) in jaxopt_methods(w, x, n).items():
-            total, fwd = timed(full, repeats), timed(forward, repeats)
-            rows.append(
-                {
-                    "method": name,
-                    "iterations": n,
-                    "forward_backward_ms": total,
-                    "backward_ms": max(total - fwd, 0.0),
-                    "peak_bytes": None,
-                }
-            )
-            print(
-                f"N={n:4d} {name:32s} fwd+bwd {total:8.2f} ms  bwd {total - fwd:8.2f} ms",
+                f"N={n:4d} {name:34s} fwd+bwd {total:8.2f} ms  bwd {total - fwd:8.2f} ms{memory}",
                 flush=True,
             )
 
