@@ -37,6 +37,8 @@ __all__ = ["projection_birkhoff", "projection_transport"]
 _DIVERGENCES = ("euclidean", "kl")
 # candidate step sizes of the line search
 _STEPS = 0.5 ** np.arange(10)
+# block coordinate ascent sweeps before the Newton iterations
+_ASCENT_SWEEPS = 10
 
 
 def _columns(alpha, x, b, divergence, differentiable=True):
@@ -104,18 +106,48 @@ def _line_search(alpha, d, h0, slope, x, a, b):
     return tf.gather(cand, index), tf.gather(res, index), tf.gather(t, index)
 
 
+def _threshold(z, mass):
+    """tau with sum(max(z - tau, 0)) = mass along the last axis, (..., k) -> (...)."""
+    p = _simplex_solve(z, mass[..., tf.newaxis])
+    support = tf.cast(p > 0, z.dtype)
+    return tf.reduce_sum((z - p) * support, axis=-1) / tf.maximum(
+        tf.reduce_sum(support, axis=-1), 1
+    )
+
+
+def _block_ascent(alpha, x, a, b, sweeps):
+    """Exact maximization of the Euclidean dual over the column, then the row potentials.
+
+    A few sweeps balance the rows' supports before Newton: from a poor start most
+    columns hold one entry, where the semi-dual's Hessian vanishes.
+    """
+
+    def body(i, alpha):
+        beta = -_threshold(tf.linalg.matrix_transpose(x + alpha[:, :, None]), b)
+        alpha = -_threshold(x + beta[:, None, :], a)
+        return i + 1, alpha - tf.reduce_mean(alpha, axis=-1, keepdims=True)
+
+    return tf.while_loop(lambda i, _: i < sweeps, body, (0, alpha))[1]
+
+
 @c.graph_when_eager  # the Newton loop is slow as eager ops
 def _euclidean_solve(alpha, x, a, b, tol, max_iter):
     """Semismooth Newton on the Euclidean semi-dual; returns the row potentials."""
+    alpha = _block_ascent(alpha, x, a, b, _ASCENT_SWEEPS)
     scale = tf.maximum(tf.reduce_max(tf.abs(a), axis=-1), tf.reduce_max(tf.abs(b), axis=-1))
+    # below a few ulps per summed entry the residual is rounding, not progress
+    n = tf.cast(tf.shape(x)[-1], x.dtype)
+    target = tf.maximum(tol, 4 * n * np.finfo(x.dtype.as_numpy_dtype).eps) * scale
+
+    def worst(res):
+        return tf.reduce_max(tf.abs(res), axis=-1)
 
     def finished(res):
-        worst = tf.reduce_max(tf.abs(res), axis=-1)
         # rows with a non-finite entry cannot converge and must not hold the loop
-        stuck = ~tf.math.is_finite(worst) | ~tf.math.is_finite(scale)
-        return (worst <= tol * scale) | stuck
+        stuck = ~tf.math.is_finite(worst(res)) | ~tf.math.is_finite(scale)
+        return (worst(res) <= target) | stuck
 
-    def body(i, alpha, res, t):
+    def body(i, alpha, res, t, best):
         d = _newton_direction(res, t)
         h = _semi_dual(alpha, t, x, a)
         new = _line_search(alpha, d, h, tf.reduce_sum(res * d, axis=-1), x, a, b)
@@ -125,13 +157,17 @@ def _euclidean_solve(alpha, x, a, b, tol, max_iter):
             tf.where(tf.reshape(done, [-1] + [1] * (v.shape.rank - 1)), v, w)
             for v, w in zip((alpha, res, t), new)
         )
-        return i + 1, alpha, res, t
+        # the best iterate so far (rounding can make late steps worse in float32)
+        better = worst(res) < best[1]
+        best = (tf.where(better[:, None], alpha, best[0]), tf.where(better, worst(res), best[1]))
+        return i + 1, alpha, res, t, best
 
-    def cond(i, alpha, res, t):
+    def cond(i, alpha, res, t, best):
         return (i < max_iter) & ~tf.reduce_all(finished(res))
 
     res, t = _residual(alpha, x, a, b, "euclidean", False)
-    return tf.while_loop(cond, body, (0, alpha, res, t))[1]
+    best = (alpha, tf.where(tf.math.is_finite(worst(res)), worst(res), np.inf))
+    return tf.while_loop(cond, body, (0, alpha, res, t, best))[4][0]
 
 
 @c.graph_when_eager  # Sinkhorn's loop is slow as eager ops
