@@ -6,6 +6,12 @@ zeros or from the previous frame's fixed point (`deq(x, initial_state=z_prev)` w
 `return_state=True`). The number: forward iterations per frame, for the same
 predictions (the largest logit gap between the two is printed).
 
+Full run (seed 0, 98.2% test accuracy): 15.4 forward iterations per frame from zeros,
+11.9 from the previous fixed point (-23%); the same class on 99.7% of the frames that
+converged from both starts. The other 0.3% are morphs between two digits where the
+trained map has more than one fixed point (both starts converge, to different ones):
+the penalty keeps the map contractive on the data, not between digits.
+
     python examples/deq_features.py            # full run (30 epochs, a few minutes)
     python examples/deq_features.py --quick    # seconds; what the test suite runs
 """
@@ -46,11 +52,19 @@ def load(quick):
 
 def train(data, epochs, seed, units):
     """A DenseCell DEQ and a Dense head; the Jacobian penalty keeps the map contractive
-    (as in deq_digits.py), so every input has one fixed point for both starts to find."""
+    on the training data (as in deq_digits.py). The few training samples that miss the
+    tolerance are not reported (the warm start is the subject here)."""
     x_train, _, y_train, _ = data
     keras.utils.set_random_seed(seed)
     cell = layers.DenseCell(units)
-    deq = layers.DEQ(cell, solver="fixed_point", max_iter=MAX_ITER, tol=1e-3, jacobian_weight=0.1)
+    deq = layers.DEQ(
+        cell,
+        solver="fixed_point",
+        max_iter=MAX_ITER,
+        tol=1e-3,
+        jacobian_weight=0.1,
+        on_failure="ignore",
+    )
     head = keras.layers.Dense(10)
     inputs = keras.Input((64,))
     model = keras.Model(inputs, head(deq(inputs)))
