@@ -29,8 +29,8 @@ import numpy as np
 import scipy.sparse
 import tensorflow as tf
 
+from keras_implicit.layers._program import solve_dtype
 from keras_implicit.layers.cone_program import ConeProgram
-from keras_implicit.layers.qp import solve_dtype
 
 __all__ = ["CvxpyLayer", "canonicalize"]
 

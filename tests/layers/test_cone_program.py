@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 import keras_implicit.layers as kl
-from keras_implicit.layers.cone_program import (
+from keras_implicit.programs.cone import (
     _tril_indices,
     cone_dim,
     project_cone,
@@ -630,7 +630,7 @@ def test_quadratic_objective_matches_cvxpy_with_gradients_in_P_and_c():
 
 def test_adaptive_rho_keeps_the_solution_and_cuts_iterations():
     """Residual balancing: same solution as cvxpy, fewer ADMM steps from a poor rho."""
-    from keras_implicit.layers.cone_program import _solve
+    from keras_implicit.programs.cone import _solve
 
     rng = np.random.default_rng(11)
     cone, c, A, b = random_cone_program({"l": 4, "q": [4, 3]}, 8, 5, rng)
@@ -654,7 +654,7 @@ def test_adaptive_rho_keeps_the_solution_and_cuts_iterations():
 
 @pytest.mark.parametrize("n", [6, 70])  # unrolled Gauss-Jordan, and the fallback beyond 64
 def test_spd_inverse_under_xla_matches_numpy_with_its_gradient(n):
-    from keras_implicit.layers.cone_program import spd_inverse
+    from keras_implicit.programs._dense import spd_inverse
 
     rng = np.random.default_rng(n)
     B = rng.standard_normal((3, 2 * n, n))

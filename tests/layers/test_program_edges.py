@@ -14,13 +14,13 @@ import tensorflow as tf
 
 from keras_implicit.errors import ConvergenceError, ConvergenceWarning
 from keras_implicit.layers import ConeProgram, QuadraticProgram
-from keras_implicit.layers import _qp_solver as qps
-from keras_implicit.layers.qp import solve_qp
+from keras_implicit.programs import _admm as codes
+from keras_implicit.programs.qp import Settings, solve_qp
 
 NAMES = ("Q", "q", "A", "b", "G", "h")
 
 
-DEFAULTS = qps.Settings()
+DEFAULTS = Settings()
 
 
 def _solve(d, dtype, settings=DEFAULTS):
@@ -61,7 +61,7 @@ def test_infeasible_and_unbounded_certified_in_the_compute_dtype(dtype):
     infeasible, unbounded = box_section_qps(rng, batch=8), unbounded_lps(rng)
     d = {k: np.concatenate([infeasible[k], unbounded[k]]) for k in NAMES}
     _, _, _, status, iters = _solve(d, dtype)
-    expected = [qps.PRIMAL_INFEASIBLE] * 8 + [qps.DUAL_INFEASIBLE] * 4
+    expected = [codes.PRIMAL_INFEASIBLE] * 8 + [codes.DUAL_INFEASIBLE] * 4
     assert status.numpy().tolist() == expected
     # certified within a quarter of the 4000-iteration budget (float32 used to run it out)
     assert iters.numpy().max() <= 1000
@@ -262,8 +262,8 @@ def test_non_finite_and_huge_rows_are_flagged_and_leave_the_others_alone(layer_c
     # non-finite data: numerical_error, NaN rows, zero gradient. A 1e300 entry: the
     # QP is not solved (max_iter, zero gradient); the conic program, scale-invariant in
     # c, is solved: x* = -c / |c| ~ -e_2
-    huge = qps.MAX_ITER if layer_cls is QuadraticProgram else qps.SOLVED
-    assert status.numpy().tolist() == [0, qps.NUMERICAL_ERROR, qps.NUMERICAL_ERROR, huge, 0]
+    huge = codes.MAX_ITER if layer_cls is QuadraticProgram else codes.SOLVED
+    assert status.numpy().tolist() == [0, codes.NUMERICAL_ERROR, codes.NUMERICAL_ERROR, huge, 0]
     assert np.all(np.isnan(x.numpy()[1:3]))
     assert np.all(grad[1:3] == 0.0) and np.all(np.isfinite(grad))
     if layer_cls is QuadraticProgram:

@@ -11,8 +11,8 @@ import tensorflow as tf
 from conftest import run_in_mode
 
 import keras_implicit as ki
-from keras_implicit.layers import _qp_solver as qps
-from keras_implicit.layers.qp import solve_qp
+from keras_implicit.programs import _admm as codes
+from keras_implicit.programs.qp import Settings, solve_qp
 
 NAMES = ("Q", "q", "A", "b", "G", "h")
 
@@ -77,7 +77,7 @@ def dense_kkt_grads(d, i, x, nu, lam, gx):
     return {"Q": gQ, "q": gq, "A": gA, "b": gb, "G": gG, "h": gh}
 
 
-SETTINGS = qps.Settings(tol=1e-9)
+SETTINGS = Settings(tol=1e-9)
 
 
 def _solve(d, settings=SETTINGS):
@@ -198,7 +198,7 @@ def test_infeasible_row_is_flagged_and_gets_zero_gradient():
         x, _, _, status, _ = solve_qp(params, batched, SETTINGS)
         loss = tf.reduce_sum(x**2)
     grads = tape.gradient(loss, params)
-    assert status.numpy().tolist() == [0, 0, qps.PRIMAL_INFEASIBLE, 0]
+    assert status.numpy().tolist() == [0, 0, codes.PRIMAL_INFEASIBLE, 0]
     for k in NAMES:
         assert np.all(grads[k].numpy()[2] == 0.0), k
         assert np.all(np.isfinite(grads[k].numpy())), k
@@ -230,7 +230,7 @@ def test_unbounded_and_nan_rows_are_flagged():
     layer = ki.layers.QuadraticProgram(G=G[0], return_status=True, dtype="float64")
     with pytest.warns(ki.ConvergenceWarning, match="not solved"):
         x, status = layer({"Q": tf.constant(Q), "q": tf.constant(q), "h": tf.constant(h)})
-    assert status.numpy().tolist() == [qps.SOLVED, qps.DUAL_INFEASIBLE, qps.NUMERICAL_ERROR]
+    assert status.numpy().tolist() == [codes.SOLVED, codes.DUAL_INFEASIBLE, codes.NUMERICAL_ERROR]
     np.testing.assert_allclose(x.numpy()[0], np.minimum(-q[0], 1.0), atol=1e-6)
     assert np.all(np.isnan(x.numpy()[2]))
 

@@ -1,18 +1,18 @@
-"""Batched dense QP solver (OSQP-style ADMM + polishing) and its implicit gradient.
+"""Batched dense QP solver: OSQP-style ADMM with Ruiz scaling and polishing.
 
 Problem, per batch row:  min 1/2 x^T Q x + q^T x  s.t.  A x = b,  G x <= h.
 
-Forward. The constraints are stacked as lo <= C x <= hi with C = [A; G],
-lo = [b; -inf], hi = [b; h], and solved by the ADMM splitting of Stellato et al.,
-"OSQP: an operator splitting solver for quadratic programs" (Math. Prog. Comp. 2020):
-the x-update solves (Q + sigma I + C^T R C) x = rhs with a per-row Cholesky factor,
-the z-update clips to [lo, hi], relaxation alpha, R = rho * diag(1e3 for equality rows).
+The constraints are stacked as lo <= C x <= hi with C = [A; G], lo = [b; -inf],
+hi = [b; h], and solved by the ADMM splitting of Stellato et al., "OSQP: an operator
+splitting solver for quadratic programs" (Math. Prog. Comp. 2020): the x-update solves
+(Q + sigma I + C^T R C) x = rhs with a per-row inverse from a Cholesky factor, the
+z-update clips to [lo, hi], relaxation alpha, R = rho * diag(1e3 for equality rows).
 Iterations run in chunks of `check_interval` inside a fixed-shape `tf.while_loop`;
 after each chunk every row is checked (convergence, primal/dual infeasibility
 certificates, NaN), finished rows are frozen, and rho is re-balanced per row from the
 ratio of primal to dual residual (refactorizing only costs one batched Cholesky of an
 n x n matrix). At the end each row is "polished": with the active set read off the
-duals, the KKT system of the equality-constrained QP is solved directly (with
+duals, the KKT system of the equality-constrained QP is solved directly by QR (with
 iterative refinement), and the polished point replaces the ADMM point when it is
 feasible and at least as accurate. This gives solutions accurate to roundoff.
 Before iterating, each row is equilibrated by modified Ruiz scaling (OSQP, section 5.1):
@@ -21,38 +21,26 @@ variables x = D x̄, constraints E C, cost c, chosen so the columns of the KKT m
 convergence test, rho re-balancing, infeasibility certificates, polishing and outputs
 all use the unscaled quantities, so tolerances keep their meaning in the caller's units.
 
-Backward. Implicit differentiation of the KKT conditions at the solution,
-    F(x, nu, lam) = [Q x + q + A^T nu + G^T lam;  A x - b;  M (G x - h) + (1 - M) lam] = 0
-with M = 1 on inequality rows whose dual is positive (active) and 0 elsewhere. For the
-problem sizes a layer meets (tens to a few hundreds of variables) the Jacobian K of F
-is small and dense, so it is solved per row directly (K^T w = g with LU), which is
-exact and cheaper than a matrix-free Krylov solve of the splitting map's fixed point.
-Parameter gradients are then -(dF/dtheta)^T w, computed by one VJP of F, so broadcast
-(unbatched) weights receive the sum over the batch automatically.
-Conservative-Jacobian choice at kinks: a weakly active constraint (lam = 0 and
-G x = h) is treated as inactive (M = 0). Rows whose status is not SOLVED, or whose
-K^T w = g solve is not finite, contribute an exactly zero gradient.
+The gradient (implicit differentiation of the KKT conditions) is attached by
+`keras_implicit.programs.qp.solve_qp`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import tensorflow as tf
 
-SOLVED = 0
-MAX_ITER = 1
-PRIMAL_INFEASIBLE = 2
-DUAL_INFEASIBLE = 3
-NUMERICAL_ERROR = 4
-STATUS_NAMES = {
-    SOLVED: "solved",
-    MAX_ITER: "max_iter",
-    PRIMAL_INFEASIBLE: "primal_infeasible",
-    DUAL_INFEASIBLE: "dual_infeasible",
-    NUMERICAL_ERROR: "numerical_error",
-}
+from keras_implicit.programs import _dense
+from keras_implicit.programs._admm import (
+    INFEASIBLE_TOL,
+    MAX_ITER,
+    SOLVED,
+    chunks,
+    classify,
+    inf_norm,
+    infeasible_tol,
+)
 
 _EQ_RHO_SCALE = 1e3  # OSQP: equality rows get a much stiffer penalty
 _RHO_MIN, _RHO_MAX = 1e-6, 1e6
@@ -74,20 +62,14 @@ class Settings:
     check_interval: int = 25
     polish: bool = True
     # relative tolerance of the infeasibility certificates; raised to
-    # INFEASIBLE_TOL_ULPS machine epsilons of the solve dtype (float32: 1.2e-4, OSQP's
+    # _admm.INFEASIBLE_TOL_ULPS machine epsilons of the solve dtype (float32: 1.2e-4, OSQP's
     # default), below which the rounding of the iterate differences hides the certificate
-    infeasible_tol: float = 1e-5
+    infeasible_tol: float = INFEASIBLE_TOL
     # Ruiz equilibration passes before ADMM; 0 disables problem scaling
     scaling: int = 10
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _inf_norm(x):
-    """Row-wise max |x| over the last axis; 0 for an empty axis (reduce_max gives -inf)."""
-    pad = tf.zeros(tf.concat([tf.shape(x)[:-1], [1]], axis=0), x.dtype)
-    return tf.reduce_max(tf.abs(tf.concat([x, pad], axis=-1)), axis=-1)
 
 
 def _mv(mat, vec):
@@ -103,14 +85,15 @@ def symmetrize(Q):
 
 
 def _factor(P, C, rho_vec, sigma):
+    """(P + sigma I + C^T R C)^-1 per row.
+
+    The explicit inverse turns every ADMM step into one batched matvec: faster than two
+    triangular solves at these sizes, and much cheaper for XLA to compile in the loop.
+    """
     n = tf.shape(P)[-1]
     eye = tf.eye(n, dtype=P.dtype)
     kkt = P + sigma * eye + tf.linalg.matmul(C * rho_vec[..., None], C, transpose_a=True)
-    # the explicit inverse (from the Cholesky factor) turns every ADMM step into one
-    # batched matvec: faster than two triangular solves at these sizes, and much
-    # cheaper for XLA to compile inside the loop
-    chol = tf.linalg.cholesky(kkt)
-    return tf.linalg.cholesky_solve(chol, tf.eye(n, batch_shape=tf.shape(P)[:1], dtype=P.dtype))
+    return _dense.spd_inverse(kkt)
 
 
 def _rho_vector(rho, is_eq):
@@ -123,16 +106,16 @@ def _rho_vector(rho, is_eq):
 def _residuals(P, q, C, x, z, y):
     """OSQP's primal/dual residuals and the scales of their relative tolerances."""
     Cx, Px, Cty = _mv(C, x), _mv(P, x), _mtv(C, y)
-    r_prim = _inf_norm(Cx - z)
-    r_dual = _inf_norm(Px + q + Cty)
-    s_prim = tf.maximum(_inf_norm(Cx), _inf_norm(z))
-    s_dual = tf.maximum(tf.maximum(_inf_norm(Px), _inf_norm(Cty)), _inf_norm(q))
+    r_prim = inf_norm(Cx - z)
+    r_dual = inf_norm(Px + q + Cty)
+    s_prim = tf.maximum(inf_norm(Cx), inf_norm(z))
+    s_dual = tf.maximum(tf.maximum(inf_norm(Px), inf_norm(Cty)), inf_norm(q))
     return r_prim, r_dual, s_prim, s_dual
 
 
 def _primal_infeasible(C, lo, hi, dy, eps):
     """OSQP certificate: C^T dy ~ 0 and hi^T dy+ + lo^T dy- < 0 (dy: change of y over a chunk)."""
-    norm = _inf_norm(dy)
+    norm = inf_norm(dy)
     pos, neg = tf.maximum(dy, 0.0), tf.minimum(dy, 0.0)
     # an infinite bound paired with a nonzero dual step makes the support term +inf
     big = tf.fill(tf.shape(dy), tf.constant(float("inf"), dy.dtype))
@@ -142,12 +125,12 @@ def _primal_infeasible(C, lo, hi, dy, eps):
     up = tf.where(pos > 0, tf.where(tf.math.is_finite(hi), safe_u * pos, big), zero)
     lo_term = tf.where(neg < 0, tf.where(tf.math.is_finite(lo), safe_l * neg, big), zero)
     support = tf.reduce_sum(up + lo_term, axis=-1)
-    return (norm > eps) & (_inf_norm(_mtv(C, dy)) <= eps * norm) & (support <= -eps * norm)
+    return (norm > eps) & (inf_norm(_mtv(C, dy)) <= eps * norm) & (support <= -eps * norm)
 
 
 def _dual_infeasible(P, q, C, lo, hi, dx, eps):
     """OSQP certificate: P dx ~ 0, q^T dx < 0, C dx in the recession cone of [lo, hi]."""
-    norm = _inf_norm(dx)
+    norm = inf_norm(dx)
     Cdx = _mv(C, dx)
     tol = eps * norm[:, None]
     ok_upper = tf.where(tf.math.is_finite(hi), Cdx <= tol, tf.ones_like(Cdx, tf.bool))
@@ -155,7 +138,7 @@ def _dual_infeasible(P, q, C, lo, hi, dx, eps):
     in_cone = tf.reduce_all(ok_upper & ok_lower, axis=-1)
     return (
         (norm > eps)
-        & (_inf_norm(_mv(P, dx)) <= eps * norm)
+        & (inf_norm(_mv(P, dx)) <= eps * norm)
         & (tf.reduce_sum(q * dx, axis=-1) <= -eps * norm)
         & in_cone
     )
@@ -223,19 +206,6 @@ def ruiz_equilibrate(P, q, C, passes):
 # ----------------------------------------------------------------------------- forward
 
 
-INFEASIBLE_TOL_ULPS = 1e3
-
-
-def infeasible_tol(tol: float, dtype) -> float:
-    """The certificates' relative tolerance in `dtype`: `tol`, at least 1e3 epsilons.
-
-    The certificates are differences of iterates that grow linearly; in float32 their
-    rounding (amplified by the stiff equality-row penalty) leaves C^T dy ~ 1e-4 |dy|
-    where float64 reaches 1e-11, so a float64 tolerance would never certify.
-    """
-    return max(tol, INFEASIBLE_TOL_ULPS * float(np.finfo(tf.as_dtype(dtype).as_numpy_dtype).eps))
-
-
 def resolve(settings: Settings, dtype) -> Settings:
     if settings.tol is not None:
         return settings
@@ -275,7 +245,7 @@ def admm(P, q, C, lo, hi, is_eq, settings: Settings):
     y = tf.zeros([B, m], dtype)
     status = tf.fill([B], tf.constant(MAX_ITER, tf.int32))
     iters = tf.zeros([B], tf.int32)
-    n_chunks = max(1, -(-s.max_iter // s.check_interval))
+    n_chunks = chunks(s.max_iter, s.check_interval)
 
     def step(x, z, y, chol, rho_vec):
         rhs = sigma * x - qs + _mtv(Cs, rho_vec * z - y)
@@ -311,15 +281,7 @@ def admm(P, q, C, lo, hi, is_eq, settings: Settings):
             dx, _, dy = unscale(xn - x0, zn, yn - y0)
             p_inf |= _primal_infeasible(C, lo, hi, dy, eps_inf) & (k > 0)
             d_inf |= _dual_infeasible(P, q, C, lo, hi, dx, eps_inf) & (k > 0)
-        new_status = tf.where(
-            ~finite,
-            NUMERICAL_ERROR,
-            tf.where(
-                converged,
-                SOLVED,
-                tf.where(p_inf, PRIMAL_INFEASIBLE, tf.where(d_inf, DUAL_INFEASIBLE, MAX_ITER)),
-            ),
-        )
+        new_status = classify(finite, converged, p_inf, d_inf)
         status = tf.where(active, new_status, status)
         iters = tf.where(active, iters + s.check_interval, iters)
         # freeze rows that finished before this chunk (broken rows keep their last value)
@@ -389,26 +351,12 @@ def kkt_matrix(P, C, mask):
     return tf.concat([top, bottom], axis=-2)
 
 
-def qr_solve(K, rhs, adjoint=False, factors=None):
-    """Solves K w = rhs (or K^T w = rhs) by QR, per row; `factors` reuses a factorization.
-
-    LU/Cholesky kernels raise on a singular row and kill the whole batch; QR never
-    raises (a singular row yields inf/NaN there only, which callers flag).
-    """
-    Qf, R = tf.linalg.qr(K) if factors is None else factors
-    if adjoint:  # K^T = R^T Qf^T
-        v = tf.linalg.triangular_solve(R, rhs[..., None], lower=False, adjoint=True)
-        return _mv(Qf, v[..., 0])
-    v = tf.linalg.triangular_solve(R, _mtv(Qf, rhs)[..., None], lower=False)
-    return v[..., 0]
-
-
 def _refined_solve(K, rhs, reg_diag, steps=2):
     """Solves K w = rhs through K + diag(reg) with iterative refinement (K may be singular)."""
-    factors = tf.linalg.qr(K + tf.linalg.diag(reg_diag))
-    w = qr_solve(None, rhs, factors=factors)
+    factors = _dense.factor(K + tf.linalg.diag(reg_diag))
+    w = _dense.solve(factors, rhs)
     for _ in range(steps):
-        w = w + qr_solve(None, rhs - _mv(K, w), factors=factors)
+        w = w + _dense.solve(factors, rhs - _mv(K, w))
     return w
 
 
@@ -427,9 +375,9 @@ def polish(P, q, C, lo, hi, is_eq, x, z, y, status, eps):
     # polished duals: inactive rows exactly 0, inequality duals of the right sign
     yp = yp * mask
     Cx = _mv(C, xp)
-    viol = _inf_norm(tf.maximum(Cx - hi, 0.0) + tf.maximum(lo - Cx, 0.0))
+    viol = inf_norm(tf.maximum(Cx - hi, 0.0) + tf.maximum(lo - Cx, 0.0))
     sign_ok = tf.reduce_all(is_eq | ((y >= 0) & (yp >= -eps)) | ((y <= 0) & (yp <= eps)), axis=-1)
-    r_dual = _inf_norm(_mv(P, xp) + q + _mtv(C, yp))
+    r_dual = inf_norm(_mv(P, xp) + q + _mtv(C, yp))
     zp = tf.clip_by_value(Cx, lo, hi)
     _, _, s_prim, s_dual = _residuals(P, q, C, xp, zp, yp)
     r_prim0, r_dual0, _, _ = _residuals(P, q, C, x, z, y)
