@@ -369,37 +369,41 @@ class _ImplicitOp:
         t_y, _ = self.linear_solve(matvec, rhs, ok_rows, direction="tangent")
         return tf.nest.flatten(self.packer.unpack(t_y))
 
+    def checked_solution(self, inputs, report, *, check_tol, iterations):
+        """y* leaves through the failure policy; F's residual and aux there go to `report`."""
+        ys, xs = inputs[: self.n_y], inputs[self.n_y :]
+        y_packed = self.packer.pack(tf.nest.pack_sequence_as(self.y_star, list(ys)))
+        # Evaluating F at the solution measures the true final residual, gives fn's
+        # aux there, and shows which variables fn reads. It records (argmin's F takes
+        # a gradient), on stopped inputs: the caller's tapes and accumulators get the
+        # derivatives from this op alone.
+        with _recording_resumed():
+            value, report["aux"] = self.residual(y_packed, _constant(list(xs)))
+        residual = row_norm(value) / (1.0 + row_norm(y_packed))
+        converged = tf.logical_and(residual <= check_tol, tf.math.is_finite(residual))
+        report["residual"], report["converged"] = residual, converged
+        y_out = _policy.apply(
+            y_packed,
+            converged,
+            residual,
+            on_failure=self.on_failure,
+            what=f"{self.what}: forward solve",
+            tol=check_tol,
+            iterations=iterations,
+        )
+        return tf.nest.flatten(self.packer.unpack(y_out))
+
     def attach(self, y_leaves, arg_leaves, *, check_tol, iterations, backward_callback):
         """y* as an op of the args and the variables fn reads; also F's report and aux."""
         report = {}
 
         @tf.custom_gradient
         def attach(*inputs):
-            ys, xs = inputs[: self.n_y], inputs[self.n_y :]
-            y_packed = self.packer.pack(tf.nest.pack_sequence_as(self.y_star, list(ys)))
-            # Evaluating F at the solution measures the true final residual, gives
-            # fn's aux there, and shows which variables fn reads. It records (argmin's
-            # F takes a gradient), on stopped inputs: the caller's tapes and
-            # accumulators get the derivatives from this op alone.
-            with _recording_resumed():
-                value, report["aux"] = self.residual(y_packed, _constant(list(xs)))
-            residual = row_norm(value) / (1.0 + row_norm(y_packed))
-            converged = tf.logical_and(residual <= check_tol, tf.math.is_finite(residual))
-            report["residual"], report["converged"] = residual, converged
-            y_out = _policy.apply(
-                y_packed,
-                converged,
-                residual,
-                on_failure=self.on_failure,
-                what=f"{self.what}: forward solve",
-                tol=check_tol,
-                iterations=iterations,
-            )
-
             def grad_fn(*upstream, variables=None):
                 return backward(inputs, upstream, variables)
 
-            return tf.nest.flatten(self.packer.unpack(y_out)), grad_fn
+            out = self.checked_solution(inputs, report, check_tol=check_tol, iterations=iterations)
+            return out, grad_fn
 
         def backward(inputs, upstream, variables):
             arg_grads, var_grads, stats = self.vjp(inputs, upstream, variables or [])
