@@ -18,6 +18,18 @@ in their dtype. A row with a NaN entry returns NaN; the row-coupled ops (simplex
 family, l2 ball/sphere, PSD and exponential cones) also return a NaN row for an
 infinite entry. No bad row changes the other rows' outputs or gradients.
 
+The scale statement above covers the closed-form ops and the exact searches (simplex
+family, sparse simplex, cones). The box section is exact too (tested for scale
+invariance from 1e-12 to 1e12). The transport and Birkhoff projections are solved to
+a tolerance (`tol`) with implicit gradients through `keras_implicit.custom_root`,
+and `projection_polyhedron` runs the `QuadraticProgram` layer (ADMM with
+polishing): their accuracy is the solver's, reported under `on_failure`.
+
+Device branches: a few ops choose a kernel by device (`_common.sum_last`: a product
+with ones on CPU, a reduction on GPU/TPU, where float32 products run in reduced
+precision). `KERAS_IMPLICIT_DEVICE_BRANCH=accelerator` (or `cpu`, default `auto`),
+read once per process, forces a branch; the tests run both.
+
 At kinks each op returns one documented element of the Clarke Jacobian: a
 constraint that holds with equality is treated as active (relu'(0) = 0, a point on
 the boundary of a ball uses the radial formula, a simplex coordinate equal to the
