@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_implicit.ops import _common as cm
-from keras_implicit.ops.projections import projection_box
+from keras_implicit.ops.projections import _check_ordered, projection_box
 
 __all__ = ["projection_box_section", "projection_polyhedron"]
 
@@ -117,6 +117,7 @@ def projection_box_section(x, lower, upper, w, c=0.0):
         cm.require_rank(x, 1)
         lo = cm.as_param(lower, x.dtype, "lower", cm.finite_or_inf)
         hi = cm.as_param(upper, x.dtype, "upper", cm.finite_or_inf)
+        _check_ordered(lower, upper)
         w = cm.as_param(w, x.dtype, "w", cm.finite)
         target = cm.per_vector(cm.as_param(c, x.dtype, "c", cm.finite), x)
         shape = tf.shape(x + lo + hi + w)

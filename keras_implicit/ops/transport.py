@@ -247,8 +247,10 @@ def projection_transport(
 
     Returns:
       Tensor like `x`: its columns sum to `b` exactly (closed form) and its rows to
-      `a` to `tol`. A matrix with a NaN or infinite entry gives a NaN matrix (the
-      other matrices of the batch are unaffected). Gradients w.r.t. `x`, `a` and
+      `a` to `tol`. A matrix with a NaN or infinite entry, or whose marginals have
+      unequal masses (beyond sqrt(eps) relative; Python/numpy marginals raise a
+      ValueError instead), gives a NaN matrix (the other matrices of the batch are
+      unaffected). Gradients w.r.t. `x`, `a` and
       `b` by implicit differentiation; at ties (an entry exactly at its column's
       threshold) the Euclidean Jacobian treats the entry as zero, as
       `projection_simplex` does.
@@ -301,9 +303,15 @@ def projection_transport(
         xf = xf - tf.reduce_mean(xf, axis=-2, keepdims=True)
         alpha = solve(tf.zeros_like(af), xf, af, bf)
         t = _columns(alpha, xf, bf, divergence)
-        # a matrix with a NaN or infinite entry has no defined projection: all NaN
-        finite = tf.reduce_all(tf.math.is_finite(xf), axis=[-2, -1])[:, None, None]
-        t = tf.where(finite, t, tf.fill(tf.shape(t), tf.constant(np.nan, t.dtype)))
+        # A matrix with a NaN or infinite entry has no defined projection, and
+        # marginals of unequal masses (tensors are not checked eagerly) leave the
+        # polytope empty: both give an all-NaN matrix.
+        finite = tf.reduce_all(tf.math.is_finite(xf), axis=[-2, -1])
+        mass_a, mass_b = tf.reduce_sum(af, axis=-1), tf.reduce_sum(bf, axis=-1)
+        slack = float(np.sqrt(np.finfo(x.dtype.as_numpy_dtype).eps))
+        equal = tf.abs(mass_a - mass_b) <= slack * tf.maximum(mass_a, mass_b)
+        ok = (finite & equal)[:, None, None]
+        t = tf.where(ok, t, tf.fill(tf.shape(t), tf.constant(np.nan, t.dtype)))
         return c.restore_dtype(tf.reshape(t, out_shape), original)
 
 

@@ -228,6 +228,7 @@ def test_variable_parameters_receive_gradients():
         (lambda: ops.projection_affine_set(np.ones(3), np.ones((2, 4)), np.ones(2)), r"A.shape"),
         (lambda: ops.projection_affine_set(np.ones(2), np.ones((3, 2)), np.ones(3)), r"A.shape"),
         (lambda: ops.prox_lasso([1.0], l1reg=-0.1), r"Received: l1reg=-0\.1"),
+        (lambda: ops.prox_non_negative_ridge([1.0], l2reg=-1.0), r"Received: l2reg=-1\.0"),
         (lambda: ops.projection_hyperplane([1.0], [1.0], b=float("inf")), r"Received: b=inf"),
         (lambda: ops.projection_simplex(5.0), r"rank >= 1"),
         (lambda: ops.projection_simplex([1.0], value=True), r"Received: value=True"),

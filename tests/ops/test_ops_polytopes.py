@@ -72,6 +72,13 @@ def test_box_section_matches_cvxpy():
     np.testing.assert_allclose(np.asarray(both)[0], y[0], atol=1e-14)
 
 
+def test_box_section_bad_arguments():
+    with pytest.raises(ValueError, match=r"Received: lower=1\.0, upper=0\.0"):
+        ops.projection_box_section(np.ones((2, 3)), 1.0, 0.0, np.ones(3), 0.5)
+    with pytest.raises(ValueError, match=r"Received: c=nan"):
+        ops.projection_box_section(np.ones((2, 3)), 0.0, 1.0, np.ones(3), float("nan"))
+
+
 def test_box_section_scale_invariance():
     # P(s x; s lower, s upper, w, s c) = s P(x; lower, upper, w, c), at 1e-12 .. 1e12
     x = RNG.normal(size=(2, 6))
@@ -126,6 +133,14 @@ def test_polyhedron_matches_cvxpy_and_active_set_jacobian():
     con = np.vstack([A_EQ, G_IN[active]])
     expected = np.eye(4) - con.T @ np.linalg.solve(con @ con.T, con)
     np.testing.assert_allclose(jac, expected, atol=1e-6)
+
+
+def test_polyhedron_infeasible_row_is_reported():
+    # y_0 <= -1 and -y_0 <= -1 ... is feasible; y_0 <= -1 and y_0 >= 1 is not
+    G = np.array([[1.0, 0.0], [-1.0, 0.0]])
+    with pytest.warns(Warning, match="QuadraticProgram"):
+        y = ops.projection_polyhedron(np.zeros((2, 2)), G=G, h=np.array([[-1.0, -1.0], [1.0, 1.0]]))
+    np.testing.assert_allclose(np.asarray(y)[1], [0.0, 0.0], atol=1e-7)  # the feasible row
 
 
 def test_polyhedron_requires_constraint_pairs():
@@ -227,6 +242,12 @@ def test_transport_validation():
         ops.projection_transport(np.ones((3, 4)), MARG_A, MARG_B, divergence="l2")
     with pytest.raises(ValueError, match=r"Received: a="):
         ops.projection_transport(np.ones((3, 4)), [0.0, 2.0, 1.0], MARG_B, divergence="kl")
+    # tensors are not inspected eagerly: a matrix whose marginals have unequal masses
+    # (an empty polytope) is NaN, the others are unaffected
+    b = tf.constant(np.stack([MARG_B, 2 * MARG_B]))
+    y = np.asarray(ops.projection_transport(np.ones((2, 3, 4)), tf.constant(MARG_A), b))
+    assert np.all(np.isnan(y[1]))
+    np.testing.assert_allclose(y[0].sum(-1), MARG_A, atol=1e-12)
 
 
 # ------------------------------------------------------------------ sparse simplex
