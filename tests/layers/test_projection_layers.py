@@ -441,6 +441,7 @@ def test_fit_learns_box_section_bounds_and_weights():
     assert sorted(w.name for w in layer.trainable_weights) == ["c", "lower", "upper", "w"]
 
 
+@pytest.mark.slow
 def test_transport_layer_trains_and_saves(tmp_path):
     """A Dense layer followed by the KL transport projection (Sinkhorn), fit and reloaded."""
     keras.utils.set_random_seed(0)

@@ -285,7 +285,8 @@ def test_last_axis_sum_is_a_reduction_where_matmuls_lose_precision(accelerator, 
 
 
 # Ops that sum along the last axis (`_common.sum_last`), whose graphs differ between
-# the device branches; the others do not depend on the branch.
+# the device branches; the others do not depend on the branch (the transport
+# projection sums through `projection_simplex`, covered here).
 _SUMMING = {
     "simplex",
     "sparsemax",
@@ -299,7 +300,6 @@ _SUMMING = {
     "second_order_cone",
     "prox_group_lasso",
     "box_section",
-    "transport",
 }
 _SUMMING_UNDER_XLA = {"simplex", "l2_ball", "box_section"}
 
