@@ -393,7 +393,8 @@ def to_markdown(report):
         "# Projection throughput",
         "",
         f"Batch {meta['batch']} x dim {meta['dim']}, {meta['dtype']}, median of "
-        f"{meta['repeats']} warm calls; {meta['machine']}, {meta['cpu_count']} CPUs; "
+        f"{meta['repeats']} warm calls; {meta['machine']}, {meta['cpu_count']} CPUs, "
+        f"load average {meta.get('load_average')}; "
         f"TensorFlow {meta['tensorflow']}, numpy {meta['numpy']}, jax {meta.get('jax')}, "
         f"jaxopt {meta.get('jaxopt')}; {meta['date']}.",
         "",
