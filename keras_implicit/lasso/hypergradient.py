@@ -36,7 +36,6 @@ from keras_implicit.lasso.criteria import Criterion, evaluate
 __all__ = ["EmptySupportWarning", "HypergradientInfo", "IllConditionedWarning", "hypergradient"]
 
 check_model = est.check_model
-_check_model = est.check_model  # the name lasso/search.py imports
 
 
 def _checked_inputs(X, y, sample_weight, state):
@@ -56,14 +55,6 @@ def _checked_inputs(X, y, sample_weight, state):
         state.forget_data()
     state.inputs = (X, y, sample_weight, X_checked, y_checked, w_checked)
     return X_checked, y_checked, w_checked
-
-
-def _expose_for_search(state, typed_state):
-    """The two entries lasso/search.py's refit reads from its dict (to be removed once
-    it reads ``HypergradientState.of(state)``)."""
-    main = typed_state.problems.get("main")
-    state[("data", "main")] = None if main is None else main.data
-    state[("solution", "latest")] = typed_state.latest
 
 
 def hypergradient(
@@ -133,8 +124,6 @@ def hypergradient(
         typed_state, info, coef, intercept, solver, linear_solver, int(cholesky_max)
     )
     value, grad_alphas, grad_l2 = evaluate(criterion, model, X, y, sample_weight, evaluation)
-    if isinstance(state, dict):
-        _expose_for_search(state, typed_state)
     if coef is not None and not evaluation.used_override:
         raise ValueError(
             f"`coef` can only be given for single-fit criteria; {type(criterion).__name__} "

@@ -20,11 +20,8 @@ from keras_implicit import _validation as V
 from keras_implicit.lasso import estimators as est
 from keras_implicit.lasso import steps
 from keras_implicit.lasso._data import as_design_input, as_target
-from keras_implicit.lasso.hypergradient import (
-    EmptySupportWarning,
-    _check_model,
-    hypergradient,
-)
+from keras_implicit.lasso._state import HypergradientState
+from keras_implicit.lasso.hypergradient import EmptySupportWarning, hypergradient
 
 MAX_EMPTY_RESTARTS = 20
 MAX_LOG_MOVE = 2.0  # largest change of a log penalty per line-search trial (x7.4)
@@ -70,7 +67,7 @@ class _Oracle:
         self.criterion = criterion
         self.X, self.y = X, y
         self.hg_kwargs = hg_kwargs
-        self.state = {}
+        self.state = HypergradientState()
         self.trace = []
         self.messages = []
         self.warned = set()
@@ -202,7 +199,7 @@ def search(
     Returns:
       A ``SearchResult`` (best model and penalties, trace, stop reason).
     """
-    _check_model(model)
+    est.check_model(model)
     V.one_of("optimizer", optimizer, tuple(steps.POLICIES))
     max_iter = V.positive_int("max_iter", max_iter)
     settings = {
@@ -264,12 +261,11 @@ def _refit(model, state, X, y, start):
     solution to ``tol`` is less accurate than what a fit from zero returns (it ends
     with an exact solve on its support). The penalties were validated when the
     search evaluated them."""
-    data = state.get(("data", "main"))
-    if data is None:
-        data = model._prepare(X, y)
-    if start is not None and start[0].shape != (data.design.p,):
+    main = state.problems.get("main")
+    data = est.prepare(model, X, y) if main is None or main.data is None else main.data
+    if start is not None and start[0].shape != est.coef_shape(model, data):
         start = None
-    model._fit_prepared(data, start, tol=None if start is None else model.tol / 100)
+    est.fit_prepared(model, data, start, tol=None if start is None else model.tol / 100)
 
 
 def alpha_max(X, y, fit_intercept=True, loss="squared"):
