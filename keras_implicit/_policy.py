@@ -99,19 +99,31 @@ def tol_floor(dtype, ulps: float = TOL_FLOOR_ULPS) -> float:
     return float(ulps * machine_eps(dtype))
 
 
-def floored_tols(tols: dict, dtype, *, what: str, ulps: float = TOL_FLOOR_ULPS) -> dict:
+_floor_warned = set()
+
+
+def floored_tols(
+    tols: dict, dtype, *, what: str, ulps: float = TOL_FLOOR_ULPS, once: bool = False
+) -> dict:
     """`tols` (name -> value) raised to `tol_floor(dtype)`; one warning names the raised ones.
 
-    Callers that hold state (a layer) call it once, so the warning is given once.
+    Callers that hold state (a layer) call it once, so the warning is given once;
+    stateless callers (the functional API) pass `once=True`: one warning per process
+    and (what, settings, dtype).
     """
+    dtype = tf.as_dtype(dtype)
     floor = tol_floor(dtype, ulps)
     low = {name: value for name, value in tols.items() if value < floor}
-    if low:
+    key = (what, tuple(low.items()), dtype.name, ulps)
+    if low and not (once and key in _floor_warned):
+        _floor_warned.add(key)
+        given = ", ".join(f"{name}={value:.3g}" for name, value in low.items())
         names = ", ".join(f"{name}={floor:.3g}" for name in low)
         received = ", ".join(f"{name}={value!r}" for name, value in low.items())
+        verb = "is" if len(low) == 1 else "are"
         warnings.warn(
-            f"{what}: tolerances below what a solve in {tf.as_dtype(dtype).name} can reach "
-            f"({ulps:g} machine epsilons) are raised to it; using {names}. Received: {received}",
+            f"{what}: {given} {verb} below what a solve in {dtype.name} can reach "
+            f"({ulps:g} machine epsilons); using {names}. Received: {received}",
             ConvergenceWarning,
             stacklevel=user_stacklevel(),
         )

@@ -23,7 +23,6 @@ import concurrent.futures
 import contextlib
 import contextvars
 import functools
-import warnings
 
 import tensorflow as tf
 from tensorflow.python import pywrap_tfe
@@ -32,7 +31,6 @@ from tensorflow.python.eager import forwardprop_util, record
 
 from keras_implicit import _policy, _validation, linalg, solvers
 from keras_implicit._structure import Packer, compute_dtype, finite_rows, row_norm
-from keras_implicit.errors import ConvergenceWarning
 from keras_implicit.solvers import SolverStats
 
 _tape_paused = record.stop_recording
@@ -103,24 +101,6 @@ def _to_tensor(value, dtype):
     return tf.convert_to_tensor(value)
 
 
-_floor_warned = set()
-
-
-def _warn_floor(what: str, name: str, tol: float, floor: float, dtype: tf.DType) -> None:
-    """Says once per process and setting that a tolerance was raised to the floor."""
-    key = (what, name, tol, dtype.name)
-    if key in _floor_warned:
-        return
-    _floor_warned.add(key)
-    warnings.warn(
-        f"{what}: {name}={tol:.3g} is below what a solve in {dtype.name} can reach "
-        f"({_policy.RESIDUAL_FLOOR_ULPS:g} machine epsilons); using {name}={floor:.3g}. "
-        f"Received: {name}={tol!r}",
-        ConvergenceWarning,
-        stacklevel=_policy.user_stacklevel(),
-    )
-
-
 class _Problem:
     """A residual map F(y, *args) on structures, validated and cast to the compute dtype."""
 
@@ -144,10 +124,13 @@ class _Problem:
 
     def floor_tol(self, tol: float, *, what: str, name: str = "tol") -> float:
         """`tol` raised to the dtype's floor (said once per process and setting)."""
-        if tol >= self.tol_floor:
-            return tol
-        _warn_floor(what, name, tol, self.tol_floor, self.original_dtype)
-        return self.tol_floor
+        return _policy.floored_tols(
+            {name: tol},
+            self.original_dtype,
+            what=what,
+            ulps=_policy.RESIDUAL_FLOOR_ULPS,
+            once=True,
+        )[name]
 
     def floor(self, solver, *, what: str, name: str = "tol"):
         """The solver with its tolerance raised to the dtype's floor."""
