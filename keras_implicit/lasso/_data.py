@@ -119,15 +119,18 @@ def as_design_input(X, name: str = "X"):
     return X
 
 
-def as_target(y, n_samples: int, name: str = "y") -> np.ndarray:
-    """Returns ``y`` as a 1-D float64 array of length ``n_samples``."""
+def _target_array(y, name: str) -> np.ndarray:
+    """``y`` as float64, a single column (n_samples, 1) made 1-D (as in scikit-learn)."""
     if isinstance(y, tf.Tensor | tf.Variable):
         y = y.numpy()
     y = _as_float64(y, name)
     if y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]
-    if y.ndim != 1:
-        raise ValueError(f"`{name}` must be 1-D (n_samples,). Received shape {y.shape}.")
+    return y
+
+
+def _with_samples(y: np.ndarray, n_samples: int, name: str) -> np.ndarray:
+    """``y`` after checking its number of samples and that it is finite."""
     if y.shape[0] != n_samples:
         raise ValueError(
             f"`X` and `{name}` have mismatched numbers of samples: X has {n_samples} rows, "
@@ -135,29 +138,27 @@ def as_target(y, n_samples: int, name: str = "y") -> np.ndarray:
         )
     _check_finite(name, y)
     return y
+
+
+def as_target(y, n_samples: int, name: str = "y") -> np.ndarray:
+    """Returns ``y`` as a 1-D float64 array of length ``n_samples``."""
+    y = _target_array(y, name)
+    if y.ndim != 1:
+        raise ValueError(f"`{name}` must be 1-D (n_samples,). Received shape {y.shape}.")
+    return _with_samples(y, n_samples, name)
 
 
 def as_targets(y, n_samples: int, name: str = "y") -> np.ndarray:
     """Returns ``y`` as float64 of shape (n_samples,) or (n_samples, n_targets).
 
     A single column (n_samples, 1) becomes 1-D, as in scikit-learn."""
-    if isinstance(y, tf.Tensor | tf.Variable):
-        y = y.numpy()
-    y = _as_float64(y, name)
-    if y.ndim == 2 and y.shape[1] == 1:
-        y = y[:, 0]
+    y = _target_array(y, name)
     if y.ndim not in (1, 2) or (y.ndim == 2 and y.shape[1] == 0):
         raise ValueError(
             f"`{name}` must be 1-D (n_samples,) or 2-D (n_samples, n_targets). "
             f"Received shape {y.shape}."
         )
-    if y.shape[0] != n_samples:
-        raise ValueError(
-            f"`X` and `{name}` have mismatched numbers of samples: X has {n_samples} rows, "
-            f"{name} has {y.shape[0]} entries."
-        )
-    _check_finite(name, y)
-    return y
+    return _with_samples(y, n_samples, name)
 
 
 def as_sample_weight(sample_weight, n_samples: int, name: str = "sample_weight"):
