@@ -3,6 +3,7 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -30,3 +31,10 @@ def mode(request):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(autouse=True)
+def _seeded_keras():
+    """Each test starts from the same Keras/TF/numpy seeds, so weight initializers and
+    shuffles do not change from one run (or one machine) to the next."""
+    keras.utils.set_random_seed(0)

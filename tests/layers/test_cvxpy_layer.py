@@ -347,6 +347,7 @@ def test_bad_problems_and_calls_get_clear_errors():
 
 def test_fit_xla_dynamic_batch_and_load_without_cvxpy(tmp_path):
     """Trains in model.fit (XLA), serves any batch size, and loads where cvxpy is absent."""
+    keras.utils.set_random_seed(3)
     rng = np.random.default_rng(3)
     n = 4
     q, x = cp.Parameter(n), cp.Variable(n)
@@ -361,8 +362,16 @@ def test_fit_xla_dynamic_batch_and_load_without_cvxpy(tmp_path):
     history = model.fit(features, targets, epochs=3, batch_size=8, verbose=0)
     assert history.history["loss"][-1] < history.history["loss"][0]
     predicted = model.predict(features[:5], verbose=0)
+    # float32 solves stop at the tolerance floor, 100 machine epsilons (1.2e-5), so the
+    # outputs are feasible and match cvxpy to a few times that, not to tol=1e-7.
+    reference = []
+    for row in keras.Model(inputs, scores)(features[:5]).numpy():
+        q.value = row.astype("float64")
+        problem.solve()
+        reference.append(x.value)
+    np.testing.assert_allclose(predicted, np.array(reference), atol=1e-4)
     np.testing.assert_allclose(predicted.sum(axis=1), 1.0, atol=1e-4)
-    assert predicted.min() >= -1e-5
+    assert predicted.min() >= -1e-4
     path = tmp_path / "model.keras"
     model.save(path)
     np.save(tmp_path / "features.npy", features[:5])
