@@ -28,6 +28,10 @@ from keras_implicit._structure import (
     broyden_root,
     finite_rows,
     freeze,
+    history_combine,
+    history_dot,
+    history_write,
+    iterate_norm,
     keep_best,
     no_residual,
     relative_residual,
@@ -149,6 +153,22 @@ class FixedPointIteration(Solver):
             return z, SolverStats(iterations, residual, residual <= tol)
 
 
+def _spd_solve(matrix, rhs):
+    """x with matrix x = rhs, for small symmetric positive definite [B, m, m] and [B, m].
+
+    Gauss-Jordan unrolled over the static m (no pivoting: positive definite), which XLA
+    fuses into a few loops where its batched Cholesky is a slow scalar loop on CPU. A
+    singular or non-finite row gives a non-finite x in that row only, never an error.
+    """
+    m = matrix.shape[-1]
+    augmented = tf.concat([matrix, rhs[:, :, None]], axis=-1)
+    for k in range(m):
+        pivot_row = augmented[:, k, :] / augmented[:, k, k : k + 1]
+        column = augmented[:, :, k] - tf.one_hot(k, m, dtype=matrix.dtype)
+        augmented -= column[:, :, None] * pivot_row[:, None, :]
+    return augmented[:, :, m]
+
+
 @_REGISTRY.register()
 class Anderson(Solver):
     """Anderson acceleration (type II) of the fixed-point iteration.
@@ -187,42 +207,45 @@ class Anderson(Solver):
             batch = tf.shape(z0)[0]
             m = self.memory
             tol = tf.constant(self.tol, dtype)
-            beta = tf.constant(self.beta, dtype)
-            history_shape = tf.stack([batch, m, tf.shape(z0)[1]])
+            history_shape = tf.stack([m, batch, tf.shape(z0)[1]])
             eye = tf.eye(m, dtype=dtype)
             tiny = tf.constant(1e-30 if dtype == tf.float64 else 1e-20, dtype)
 
-            def body(iteration, active, z, best, residual, iterations, xs, fs):
+            def body(iteration, active, z, best, residual, iterations, fs, gs, gram):
                 tz = fixed_point_map(z)
-                res = relative_residual(tz - z, z)
+                g = tz - z
+                # (T(z_i), g_i = T(z_i) - z_i) go to the circular slot of this iteration;
+                # the Gram matrix of the g_i changes in that slot's row and column only
+                slot = iteration % m
+                fs, gs = history_write(fs, slot, tz), history_write(gs, slot, g)
+                products = tf.transpose(history_dot(gs, g))  # [B, m]
+                index = tf.range(m)
+                gram = tf.where(
+                    (index == slot)[None, :, None],
+                    products[:, None, :],
+                    tf.where((index == slot)[None, None, :], products[:, :, None], gram),
+                )
+                g_norm = tf.sqrt(tf.maximum(tf.gather(products, slot, axis=1), 0))
+                res = g_norm / (1.0 + iterate_norm(z))
                 residual, best = keep_best(active, res, z, residual, best)
-                done = tf.logical_or(res <= tol, tf.logical_not(tf.math.is_finite(res)))
-                move = tf.logical_and(active, tf.logical_not(done))
+                move = active & (res > tol) & tf.math.is_finite(res)
 
-                # write (z, T(z)) into the circular history slot of this iteration
-                slot = tf.one_hot(iteration % m, m, dtype=dtype)[None, :, None]
-                xs = xs * (1 - slot) + slot * z[:, None, :]
-                fs = fs * (1 - slot) + slot * tz[:, None, :]
-                valid = tf.cast(tf.range(m) <= iteration, dtype)  # filled slots
-                pair = valid[:, None] * valid[None, :]
-
-                g = fs - xs
-                gram = tf.einsum("bid,bjd->bij", g, g) * pair
+                valid = tf.cast(index <= iteration, dtype)  # filled slots
                 scale = tf.reduce_max(tf.linalg.diag_part(gram), axis=-1)
                 reg = (self.ridge * scale + tiny)[:, None, None]
                 # empty slots get a unit diagonal and a zero right-hand side: alpha = 0
-                system = gram + reg * eye + (1 - pair) * eye
-                rhs = tf.broadcast_to(valid[:, None], [batch, m, 1])
-                weights = tf.linalg.cholesky_solve(tf.linalg.cholesky(system), rhs)[..., 0]
-                alpha = weights / tf.reduce_sum(weights, axis=-1, keepdims=True)
-                mixed = beta * tf.einsum("bi,bid->bd", alpha, fs) + (1 - beta) * tf.einsum(
-                    "bi,bid->bd", alpha, xs
-                )
-                # a singular mixing step must not poison a row: fall back to T(z)
-                mixed = tf.where(finite_rows(mixed)[:, None], mixed, tz)
+                system = gram + (reg + 1 - valid[:, None] * valid[None, :]) * eye
+                weights = _spd_solve(system, tf.broadcast_to(valid, [batch, m]))
+                alpha = tf.transpose(weights / tf.reduce_sum(weights, -1, keepdims=True))
+                mixed = history_combine(alpha, fs)
+                if self.beta != 1.0:  # beta sum alpha T(z_i) + (1 - beta) sum alpha z_i
+                    mixed -= (1.0 - self.beta) * history_combine(alpha, gs)
+                # a singular mixing step must not poison a row: fall back to T(z) (the
+                # filled slots of a moving row are finite, so finite weights suffice)
+                mixed = tf.where(finite_rows(tf.transpose(alpha))[:, None], mixed, tz)
                 z = freeze(move, mixed, z)
                 iterations = iterations + tf.cast(active, tf.int32)
-                return iteration + 1, move, z, best, residual, iterations, xs, fs
+                return iteration + 1, move, z, best, residual, iterations, fs, gs, gram
 
             state = (
                 tf.constant(0),
@@ -233,8 +256,9 @@ class Anderson(Solver):
                 tf.zeros([batch], tf.int32),
                 tf.zeros(history_shape, dtype),
                 tf.zeros(history_shape, dtype),
+                tf.zeros(tf.stack([batch, m, m]), dtype),
             )
-            _, _, _, z, residual, iterations, _, _ = while_active(body, state, self.max_iter)
+            _, _, _, z, residual, iterations, *_ = while_active(body, state, self.max_iter)
             return z, SolverStats(iterations, residual, residual <= tol)
 
 

@@ -206,3 +206,131 @@ def test_solvers_do_not_import_the_linear_solvers():
             imported.add(node.module)
             imported.update(f"{node.module}.{alias.name}" for alias in node.names)
     assert not any("linalg" in name for name in imported), imported
+
+
+def _anderson_numpy(jac, c, z0, steps, memory, beta, ridge):
+    """Anderson type II row by row, from the textbook normal equations: the iterates
+    evaluated, in order ([steps, B, D])."""
+    evaluated = []
+    for j, v, z in zip(jac, c, z0):
+        xs, fs, row = [], [], []
+        for _ in range(steps):
+            row.append(z)
+            tz = j @ z + v
+            xs, fs = [*xs, z][-memory:], [*fs, tz][-memory:]
+            g = np.array(fs) - np.array(xs)
+            gram = g @ g.T
+            gram += (ridge * gram.diagonal().max() + 1e-30) * np.eye(len(xs))
+            weights = np.linalg.solve(gram, np.ones(len(xs)))
+            alpha = weights / weights.sum()
+            z = beta * alpha @ np.array(fs) + (1 - beta) * alpha @ np.array(xs)
+        evaluated.append(row)
+    return np.swapaxes(np.array(evaluated), 0, 1)
+
+
+def _broyden_numpy(jac, c, y0, steps, memory):
+    """Limited-memory good Broyden on y - T(y) = 0 row by row, H = I + sum u_i v_i^T over
+    a circular buffer: the points evaluated, in order ([steps + 1, B, D])."""
+    evaluated = []
+    for j, v, y in zip(jac, c, y0):
+        us, vs = np.zeros((memory, y.size)), np.zeros((memory, y.size))
+        f = y - (j @ y + v)
+        row = [y]
+        for k in range(steps):
+            s = -(f + us.T @ (vs @ f))
+            y = y + s
+            f_new = y - (j @ y + v)
+            row.append(y)
+            d = f_new - f
+            h_d = d + us.T @ (vs @ d)
+            if s @ h_d != 0:  # H += (s - H d) (H^T s)^T / (s^T H d)
+                us[k % memory], vs[k % memory] = (s - h_d) / (s @ h_d), s + vs.T @ (us @ s)
+            f = f_new
+        evaluated.append(row)
+    return np.swapaxes(np.array(evaluated), 0, 1)
+
+
+def _best_of(evaluated, residual_fn):
+    """Per row, the evaluated point with the lowest residual, and that residual."""
+    residuals = np.stack([residual_fn(e) for e in evaluated])
+    first = residuals.argmin(axis=0)
+    return evaluated[first, np.arange(evaluated.shape[1])], residuals.min(axis=0)
+
+
+@pytest.mark.parametrize("mode", ["eager", "function", "xla"])
+@pytest.mark.parametrize(
+    "solver",
+    [
+        ki.solvers.Anderson(tol=0.0, max_iter=9, memory=3),
+        ki.solvers.Anderson(tol=0.0, max_iter=7, memory=4, beta=0.6, ridge=1e-3),
+        ki.solvers.Broyden(tol=0.0, max_iter=8, memory=3),
+    ],
+    ids=["anderson", "anderson-beta-ridge", "broyden"],
+)
+def test_accelerated_solvers_match_a_numpy_implementation(solver, mode):
+    """tol=0: max_iter steps; the answer is the best evaluated point of the numpy run
+    (histories wrap around: more steps than memory)."""
+    fn, c, _ = _linear_contraction(5, batch=3, dim=6, radius=0.9)
+    jac = np.stack([fn(tf.one_hot([i] * 3, 6, dtype=tf.float64), 0.0).numpy() for i in range(6)])
+    jac = np.transpose(jac, (1, 2, 0))  # [B, D, D]: column i is J e_i
+    z0 = np.random.default_rng(6).normal(size=c.shape)
+    c_t = tf.constant(c)
+
+    def solve(z):
+        return solver.solve_fixed_point(lambda z: fn(z, c_t), z)
+
+    if mode != "eager":
+        solve = tf.function(solve, jit_compile=mode == "xla")
+    z, stats = solve(tf.constant(z0))
+    if isinstance(solver, ki.solvers.Broyden):
+        evaluated = _broyden_numpy(jac, c, z0, solver.max_iter, solver.memory)
+    else:
+        evaluated = _anderson_numpy(
+            jac, c, z0, solver.max_iter, solver.memory, solver.beta, solver.ridge
+        )
+
+    def residual(e):
+        step = np.einsum("bij,bj->bi", jac, e) + c - e
+        return np.linalg.norm(step, axis=-1) / (1 + np.linalg.norm(e, axis=-1))
+
+    best, best_residual = _best_of(evaluated, residual)
+    assert residual(evaluated[-1]).max() > 1e-6  # still far from the fixed point: informative
+    np.testing.assert_allclose(z.numpy(), best, rtol=1e-9, atol=1e-11)
+    np.testing.assert_allclose(stats.residual.numpy(), best_residual, rtol=1e-8)
+    np.testing.assert_array_equal(stats.iterations.numpy(), solver.max_iter)
+
+
+@pytest.mark.parametrize("name", ["anderson", "broyden"])
+def test_a_hard_row_leaves_the_others_unchanged_under_xla(name):
+    """Compiled: rows solved next to a slow row (radius 0.99) equal the same rows solved
+    next to an easy one, and match the dense solve."""
+    fn, c, solution = _linear_contraction(7, batch=3, radius=0.6)
+    hard_fn, hard_c, hard_solution = _linear_contraction(8, batch=3, radius=0.99)
+    solver = ki.solvers.get(name, tol=1e-10, max_iter=300)
+
+    def run(mix):
+        mix_t, c_t, hard_t = tf.constant(mix), tf.constant(c), tf.constant(hard_c)
+
+        def both(z):
+            return tf.where(mix_t[:, None], hard_fn(z, hard_t), fn(z, c_t))
+
+        return tf.function(solver.solve_fixed_point, jit_compile=True)(both, tf.zeros_like(c_t))
+
+    z_hard, stats_hard = run(np.array([False, False, True]))
+    z_easy, stats_easy = run(np.array([False, False, False]))
+    np.testing.assert_array_equal(z_hard.numpy()[:2], z_easy.numpy()[:2])
+    np.testing.assert_array_equal(stats_hard.iterations.numpy()[:2], stats_easy.iterations[:2])
+    assert stats_hard.iterations.numpy()[2] > stats_hard.iterations.numpy()[:2].max()
+    np.testing.assert_allclose(z_hard.numpy()[2], hard_solution[2], atol=1e-7)
+    np.testing.assert_allclose(z_easy.numpy(), solution, atol=1e-8)
+
+
+@pytest.mark.parametrize("shape", [(1, 65536), (1, 4099), (1, 5000), (3, 8192)])
+def test_iterate_norm_matches_numpy(shape):
+    """The block-summed norm of one long row (and the plain path elsewhere)."""
+    from keras_implicit._structure import iterate_norm
+
+    x = np.random.default_rng(9).normal(size=shape).astype(np.float32)
+    expected = np.linalg.norm(x.astype(np.float64), axis=-1)
+    for fn in (iterate_norm, tf.function(iterate_norm, jit_compile=True)):
+        np.testing.assert_allclose(fn(tf.constant(x)).numpy(), expected, rtol=1e-5)
