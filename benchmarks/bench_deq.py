@@ -7,7 +7,9 @@ iterations (tol = 0), N in {10, 30, 100}; the unrolled baseline applies the same
 N times and trains by ordinary backprop through all N steps.
 
 Methods (TensorFlow, XLA-compiled training steps, float32, CPU):
-  ki DEQ implicit/gmres    `ki.layers.DEQ(..., backward="implicit")`, GMRES backward
+  ki DEQ implicit/bicgstab `ki.layers.DEQ(..., backward="implicit")` with its default
+                           BiCGStab backward
+  ki DEQ implicit/gmres    same, GMRES backward
   ki DEQ implicit/neumann  same, Neumann-series backward (fixed-point iteration on
                            the adjoint system, what torchdeq does by default)
   ki DEQ phantom(5)        `backward="phantom"`, 5 damped unrolled steps from z*
@@ -101,6 +103,7 @@ def tf_step(problem, n, method):
             return z
     else:
         backward, linear = {
+            "ki DEQ implicit/bicgstab": ("implicit", "bicgstab"),
             "ki DEQ implicit/gmres": ("implicit", "gmres"),
             "ki DEQ implicit/neumann": ("implicit", "neumann"),
             "ki DEQ phantom(5)": ("phantom", "gmres"),
@@ -200,6 +203,7 @@ def torchdeq_step(problem, n):
 
 
 METHODS = (
+    "ki DEQ implicit/bicgstab",
     "ki DEQ implicit/gmres",
     "ki DEQ implicit/neumann",
     "ki DEQ phantom(5)",
@@ -255,7 +259,11 @@ def main(argv=None):
             "ki DEQ phantom(5)", n, "step_ms"
         ) / get("ki DEQ implicit/gmres", n, "step_ms")
         if get("torchdeq", n, "step_ms"):
-            for method in ("ki DEQ implicit/gmres", "ki DEQ implicit/neumann"):
+            for method in (
+                "ki DEQ implicit/bicgstab",
+                "ki DEQ implicit/gmres",
+                "ki DEQ implicit/neumann",
+            ):
                 ratios[f"{method} (XLA) / torchdeq, step time (N={n})"] = get(
                     method, n, "step_ms"
                 ) / get("torchdeq", n, "step_ms")

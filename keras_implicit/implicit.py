@@ -577,7 +577,7 @@ def fixed_point(
     z0,
     *args,
     solver="anderson",
-    linear_solver="gmres",
+    linear_solver="bicgstab",
     tol=None,
     max_iter=None,
     backward_tol=None,
@@ -597,9 +597,12 @@ def fixed_point(
         *args: tensors (or structures) fn depends on; gradients flow to them.
         solver: forward solver, a name ("anderson", "broyden", "fixed_point_iteration")
             or a `ki.solvers.Solver`.
-        linear_solver: backward solver for (I - J^T) u = g: "gmres" (default, general),
-            "bicgstab", "broyden", "neumann", "dense", "cg" (only if J is symmetric),
-            or a `ki.linalg.LinearSolver`.
+        linear_solver: backward solver for (I - J^T) u = g: "bicgstab" (default: the
+            fastest and leanest in `benchmarks/bench_core.py`; with ||J|| < 1 the
+            symmetric part of I - J^T is positive definite and BiCGStab does not break
+            down), "gmres" (any nonsingular system, more memory), "broyden",
+            "neumann", "dense", "cg" (only if J is symmetric), or a
+            `ki.linalg.LinearSolver`.
         tol, max_iter: forward settings (override the solver object's). Tolerances
             (forward and backward) below two machine epsilons of z0's dtype are raised
             to that floor, with one ConvergenceWarning per setting. The solver returns
@@ -662,10 +665,11 @@ def root(
 ):
     """Returns y with fn(y, *args) = 0, differentiable w.r.t. args and captured variables.
 
-    The backward pass solves (dfn/dy)^T w = g. Forward solvers other than Broyden iterate
-    y <- y - fn(y), which needs dfn/dy close to the identity. Arguments, has_aux (fn
-    returns (value, aux); the call returns y, aux[, stats]) and forward mode as
-    `fixed_point`.
+    The backward pass solves (dfn/dy)^T w = g, by GMRES by default: dfn/dy is a general
+    matrix (possibly indefinite or skew), where BiCGStab can break down. Forward solvers
+    other than Broyden iterate y <- y - fn(y), which needs dfn/dy close to the identity.
+    Arguments, has_aux (fn returns (value, aux); the call returns y, aux[, stats]) and
+    forward mode as `fixed_point`.
     """
     settings = _settings(locals())
 
@@ -824,7 +828,7 @@ def _custom(kind, fn, settings):
 
 def custom_fixed_point(
     fn,
-    linear_solver="gmres",
+    linear_solver="bicgstab",
     *,
     tol=1e-5,
     backward_tol=None,

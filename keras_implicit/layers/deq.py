@@ -120,7 +120,9 @@ class DEQ(keras.layers.Layer):
         inference_max_iter, inference_tol: used instead when `training` is false
             (e.g. a smaller budget for prediction); default: the training values.
         backward: "implicit" (default) or "phantom".
-        linear_solver, backward_max_iter, backward_tol: the implicit backward solve.
+        linear_solver, backward_max_iter, backward_tol: the implicit backward solve
+            (default BiCGStab, as `ki.fixed_point`; "gmres" cannot break down on a
+            nonsingular system, at more memory).
         backward_ridge: solve (I - J^T + ridge I) u = g instead (default: the linear
             solver's own, 0 unless set: the exact implicit gradient). A ridge caps the
             gradient's amplification 1 / (1 - lambda) along an eigenvalue lambda of J
@@ -166,7 +168,7 @@ class DEQ(keras.layers.Layer):
         inference_max_iter=None,
         inference_tol=None,
         backward="implicit",
-        linear_solver="gmres",
+        linear_solver="bicgstab",
         backward_max_iter=40,
         backward_tol=1e-4,
         backward_ridge=None,

@@ -463,3 +463,54 @@ def test_full_matrix_tanh(tanh_problem, mode, solver, linear_solver):
     rx, rw = _unrolled_tanh(w, v, x, u)
     np.testing.assert_allclose(gx.numpy(), rx, atol=1e-9)
     np.testing.assert_allclose(gw.numpy(), rw, atol=1e-9)
+
+
+# ---------------------------------------------------------------- the default backward
+
+
+def _jacobians(dim=12, seed=0):
+    """Contractions in spectral radius whose adjoint systems are hard for Krylov solvers:
+    nonsymmetric with ||J|| > 1 (here I - J^T has an indefinite symmetric part), and
+    skewed rotations of radius 0.97 (complex eigenvalues near the unit circle)."""
+    rng = np.random.default_rng(seed)
+    random = rng.normal(size=(dim, dim))
+    random *= 0.95 / np.abs(np.linalg.eigvals(random)).max()
+    similarity = np.eye(dim) + 0.3 * rng.normal(size=(dim, dim))
+    rotations = np.zeros((dim, dim))
+    for k, angle in enumerate(np.linspace(0.1, 3.0, dim // 2)):
+        c, s = 0.97 * np.cos(angle), 0.97 * np.sin(angle)
+        rotations[2 * k : 2 * k + 2, 2 * k : 2 * k + 2] = [[c, -s], [s, c]]
+    rotations = similarity @ rotations @ np.linalg.inv(similarity)
+    return {"nonsymmetric": random, "rotations": rotations}
+
+
+@pytest.mark.parametrize("kind", ["nonsymmetric", "rotations"])
+def test_default_backward_solves_hard_adjoint_systems_under_xla(kind):
+    """The default linear solver (BiCGStab) on adjoint systems whose symmetric part is
+    indefinite or whose eigenvalues circle near 1 gives the dense-solve gradient."""
+    jacobian = _jacobians()[kind]
+    assert np.linalg.norm(jacobian, 2) > 1.0 > np.abs(np.linalg.eigvals(jacobian)).max()
+    rng = np.random.default_rng(1)
+    c, g = rng.normal(size=(2, 3, jacobian.shape[0]))
+    j = tf.constant(jacobian)
+
+    @tf.function(jit_compile=True)
+    def gradient(c):
+        with tf.GradientTape() as tape:
+            tape.watch(c)
+            z = ki.fixed_point(
+                lambda z, c: tf.einsum("ij,bj->bi", j, z) + c,
+                tf.zeros_like(c),
+                c,
+                solver="fixed_point_iteration",
+                tol=1e-12,
+                max_iter=2000,
+                backward_tol=1e-10,
+                batch_dims=1,
+                on_failure="raise",
+            )
+            loss = tf.reduce_sum(z * g)
+        return tape.gradient(loss, c)
+
+    reference = np.linalg.solve(np.eye(len(jacobian)) - jacobian.T, g.T).T
+    np.testing.assert_allclose(gradient(tf.constant(c)).numpy(), reference, rtol=1e-8, atol=1e-9)
