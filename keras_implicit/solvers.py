@@ -119,22 +119,33 @@ class FixedPointIteration(Solver):
                     maximum_iterations=every - 1,
                 )[1]
 
-            def body(iteration, active, z, best, residual, iterations):
-                # a checked evaluation: a row leaves when converged or broken (non-finite);
-                # rows that left keep iterating in z, but their best iterate is final
+            def checked(iteration, active, z, best, residual, iterations):
+                # a row leaves when converged or broken (non-finite); rows that left keep
+                # iterating in z, but their best iterate is final
                 tz = fixed_point_map(z)
                 res = relative_residual(tz - z, z)
                 residual, best = keep_best(active, res, z, residual, best)
                 iterations = tf.where(active, iteration + 1, iterations)
                 active = active & (res > tol) & tf.math.is_finite(res)
-                z = advance(z, tz)
-                iteration = iteration + 1
-                if every > 1:  # plain steps up to the next check (the last evaluation is one)
-                    count = tf.minimum(every - 1, max_iter - 1 - iteration)
-                    count = tf.where(tf.reduce_any(active), tf.maximum(count, 0), 0)
-                    z = plain_steps(z, count)
-                    iteration = iteration + count
-                return iteration, active, z, best, residual, iterations
+                return iteration + 1, active, advance(z, tz), best, residual, iterations
+
+            def running(iteration, active, *rest):
+                del rest
+                return tf.reduce_any(active) & (iteration < max_iter)
+
+            def body(*state):
+                state = checked(*state)
+                if every == 1:
+                    # two evaluations per trip: z is read after T(z) exists (to keep the
+                    # best iterate), so with one per trip XLA copies z every evaluation;
+                    # with two, the second T(z) is written over the first z's buffer
+                    return tf.cond(running(*state), lambda: checked(*state), lambda: state)
+                # plain steps up to the next check (the last evaluation is one)
+                iteration, active, z = state[:3]
+                count = tf.minimum(every - 1, max_iter - 1 - iteration)
+                count = tf.where(tf.reduce_any(active), tf.maximum(count, 0), 0)
+                z = plain_steps(z, count)
+                return (iteration + count, active, z, *state[3:])
 
             state = (
                 tf.constant(0),
@@ -145,7 +156,7 @@ class FixedPointIteration(Solver):
                 tf.zeros([batch], tf.int32),
             )
             _, _, _, z, residual, iterations = while_loop(
-                lambda iteration, active, *rest: tf.reduce_any(active) & (iteration < max_iter),
+                running,
                 body,
                 state,
                 maximum_iterations=max_iter,
