@@ -48,7 +48,12 @@ def test_wheel_carries_the_license(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     (wheel,) = tmp_path.glob("keras_implicit-*.whl")
     with zipfile.ZipFile(wheel) as archive:
-        licenses = [n for n in archive.namelist() if n.endswith(".dist-info/LICENSE")]
+        # setuptools < 77 writes .dist-info/LICENSE, later ones .dist-info/licenses/LICENSE
+        licenses = [
+            n
+            for n in archive.namelist()
+            if n.endswith((".dist-info/LICENSE", ".dist-info/licenses/LICENSE"))
+        ]
         assert licenses, archive.namelist()
         assert "Apache License" in archive.read(licenses[0]).decode()
 
