@@ -38,7 +38,7 @@ def tour_fixed_point(summary, batch, width):
         return tf.tanh(z @ w_var + x)
 
     print(f"  batch {batch}, width {width}, ||W||_2 = 0.9, float64, tol 1e-10\n")
-    _row("forward solver", "iterations (mean)", "backward (gmres) its", widths=(26, 22, 22))
+    _row("forward solver", "iterations (mean)", "backward (bicgstab) its", widths=(26, 22, 22))
     for solver in ("fixed_point_iteration", "anderson", "broyden"):
         record = []
         with tf.GradientTape() as tape:
