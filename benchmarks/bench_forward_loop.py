@@ -7,16 +7,16 @@ no bookkeeping. Each solver runs through its `solve_fixed_point` on the packed r
 "rows" is the [256, 256] batch of independent rows (`batch_dims=1`), "one row" the
 same state packed as a single [1, 65536] row (`batch_dims=0`).
 
-Timing: the baseline and the solver alternate call by call in one process, and the
-ratio is the median of the per-pair ratios, so both see the same machine load.
+Timing: the baseline(s) and the solver alternate call by call in one process, and
+each ratio is the median of the per-round ratios, so all see the same machine load.
 
     python benchmarks/bench_forward_loop.py [--quick]
 
-Anderson and Broyden are also timed against a plain loop doing their own math (the
-same history, least squares, rank-one updates and steps, with the same kernels) and
-no bookkeeping (residuals, best iterate, per-row masks, counts, fallbacks);
-`check_references` first verifies that these loops evaluate the map at the same points
-as the solvers.
+Anderson and Broyden are also timed against a plain loop doing their own math (the same
+history, least squares, rank-one updates and steps, with the same kernels; Broyden's
+includes its evaluation of the start) and no bookkeeping (residuals, best iterate,
+per-row masks, counts, fallbacks); `check_references` first verifies that these loops
+evaluate the map at the same points as the solvers.
 
 Writes benchmarks/results/forward_loop.json and forward_loop.md. Target (issue 19):
 every solver within 1.15x of the plain loop of its own math ("own work") at N = 25..200.
@@ -218,7 +218,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     batch, width = (32, 32) if args.quick else (256, 256)
     counts = (25, 50) if args.quick else (25, 50, 100, 200)
-    repeats = 5 if args.quick else 15
+    repeats = 5 if args.quick else 21
     check_references()
     w, x = make_problem(batch, width)
     rows = []
