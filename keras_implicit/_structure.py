@@ -260,8 +260,8 @@ def relative_residual(step: tf.Tensor, z: tf.Tensor) -> tf.Tensor:
 
 
 # A history of k past vectors of every row is a [k, B, D] tensor: slot i holds the
-# i-th vector of all rows, so writing one slot is an in-place update of one [B, D]
-# slice under XLA, and the products below are matrix products on CPU.
+# i-th vector of all rows, so writing one slot is one [B, D] dynamic-update-slice (no
+# masked rewrite of the whole buffer), and the products below are matrix products.
 
 
 def history_write(history: tf.Tensor, slot, value: tf.Tensor) -> tf.Tensor:
