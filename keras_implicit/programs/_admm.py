@@ -47,6 +47,28 @@ def infeasible_tol(tol: float, dtype) -> float:
     return max(tol, INFEASIBLE_TOL_ULPS * float(np.finfo(tf.as_dtype(dtype).as_numpy_dtype).eps))
 
 
+# bounds of the per-row ADMM step size rho
+RHO_MIN, RHO_MAX = 1e-6, 1e6
+
+
+def balanced_rho(rho, r_prim, s_prim, r_dual, s_dual, *, factor: float):
+    """Residual balancing (OSQP / COSMO): rho * sqrt(relative primal / relative dual).
+
+    r_*: the rows' primal and dual residual norms, s_*: the scales they are relative to.
+    Returns (rho, moved): a row's rho changes only when the proposal, clipped to
+    [RHO_MIN, RHO_MAX], is more than `factor` away from it (each change costs the
+    solver a refactorization), both residuals are positive and the proposal is finite.
+    The fixed points of the ADMM map do not depend on rho, so the step size is free to
+    follow the residuals.
+    """
+    tiny = tf.constant(np.finfo(rho.dtype.as_numpy_dtype).tiny, rho.dtype)
+    ratio = (r_prim / (s_prim + tiny)) / (r_dual / (s_dual + tiny) + tiny)
+    proposed = tf.clip_by_value(rho * tf.sqrt(ratio), RHO_MIN, RHO_MAX)
+    moved = (proposed > factor * rho) | (proposed * factor < rho)
+    moved &= tf.math.is_finite(proposed) & (r_prim > 0) & (r_dual > 0)
+    return tf.where(moved, proposed, rho), moved
+
+
 def classify(finite, converged, primal_infeasible, dual_infeasible):
     """Per-row status after a chunk: not finite > solved > infeasible > max_iter."""
     unsolved = tf.where(

@@ -31,8 +31,9 @@ from keras_implicit.programs._admm import (
 __all__ = ["cone_dim", "project_cone", "solve_cone_program", "validate_cone"]
 
 _KEYS = ("z", "l", "q", "s", "ep")
-# adaptive step size: bounds, and the factor a balanced rho must differ by to be taken
-RHO_MIN, RHO_MAX, RHO_UPDATE_FACTOR = 1e-6, 1e6, 2.0
+# adaptive step size: the factor a balanced rho must differ by to be taken (COSMO-like;
+# the QP solver, whose refactorizations cost more, waits for 5)
+RHO_UPDATE_FACTOR = 2.0
 # the per-row status codes (those of QuadraticProgram but non_convex)
 STATUS_NAMES = {k: v for k, v in _admm.STATUS_NAMES.items() if k != NOT_CONVEX}
 
@@ -154,20 +155,6 @@ def _inverse(A, rho, sigma, P=None):
     return _dense.spd_inverse(matrix if P is None else matrix + P)
 
 
-def _balanced_rho(rho, r_prim, s_prim, r_dual, s_dual, tiny):
-    """Residual balancing (OSQP / COSMO): rho * sqrt(relative primal / relative dual).
-
-    Applied per row only when it moves rho by more than RHO_UPDATE_FACTOR, clipped to
-    [RHO_MIN, RHO_MAX]; the fixed points of the ADMM map do not depend on rho, so the
-    step size is free to follow the residuals.
-    """
-    ratio = (r_prim / (s_prim + tiny)) / (r_dual / (s_dual + tiny) + tiny)
-    proposed = tf.clip_by_value(rho * tf.sqrt(ratio), RHO_MIN, RHO_MAX)
-    move = (proposed > RHO_UPDATE_FACTOR * rho) | (proposed * RHO_UPDATE_FACTOR < rho)
-    move &= tf.math.is_finite(proposed) & (r_prim > 0) & (r_dual > 0)
-    return tf.where(move, proposed, rho), move
-
-
 def _admm_step(state, c, A, b, cone, rho, sigma, alpha, inv):
     """One relaxed ADMM step on (x, s, y); fixed points are primal-dual solutions.
 
@@ -223,7 +210,6 @@ def _solve(c, A, b, cone, settings, batch, P=None):
     alpha = tf.constant(settings["alpha"], dtype)
     eps = tf.constant(settings["tol"], dtype)
     eps_inf = tf.constant(infeasible_tol(INFEASIBLE_TOL, dtype), dtype)
-    tiny = tf.constant(np.finfo(dtype.as_numpy_dtype).tiny, dtype)
     adaptive = settings.get("adaptive_rho", True)
     rho = tf.fill([batch, 1], tf.constant(settings["rho"], dtype))
     inv = _inverse(A, rho, sigma, P)
@@ -267,7 +253,9 @@ def _solve(c, A, b, cone, settings, batch, P=None):
         iters = tf.where(active, iters + interval, iters)
         a2 = active[:, None]
         if adaptive:
-            balanced, move = _balanced_rho(rho[:, 0], r_prim, s_prim, r_dual, s_dual, tiny)
+            balanced, move = _admm.balanced_rho(
+                rho[:, 0], r_prim, s_prim, r_dual, s_dual, factor=RHO_UPDATE_FACTOR
+            )
             move &= tf.equal(status, MAX_ITER)
             rho = tf.where(move[:, None], balanced[:, None], rho)
             inv = tf.cond(

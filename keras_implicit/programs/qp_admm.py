@@ -36,6 +36,7 @@ from keras_implicit.programs._admm import (
     INFEASIBLE_TOL,
     MAX_ITER,
     SOLVED,
+    balanced_rho,
     chunks,
     classify,
     inf_norm,
@@ -43,7 +44,6 @@ from keras_implicit.programs._admm import (
 )
 
 _EQ_RHO_SCALE = 1e3  # OSQP: equality rows get a much stiffer penalty
-_RHO_MIN, _RHO_MAX = 1e-6, 1e6
 _RHO_ADAPT_RATIO = 5.0  # re-balance rho only when off by more than this factor
 # Ruiz norms below _SCALING_MIN are treated as 1 (an empty or zero column must not be
 # blown up), and every accumulated scaling factor stays within [_SCALING_MIN, _SCALING_MAX]
@@ -289,17 +289,12 @@ def admm(P, q, C, lo, hi, is_eq, settings: Settings):
         z = tf.where(active[:, None], zn, z)
         y = tf.where(active[:, None], yn, y)
         # re-balance rho (per row) where primal and dual residuals are far apart
-        ratio = tf.sqrt((r_prim / (s_prim + 1e-30)) / (r_dual / (s_dual + 1e-30) + 1e-30) + 1e-30)
-        rho_new = tf.clip_by_value(rho * ratio, _RHO_MIN, _RHO_MAX)
-        change = (
-            tf.equal(status, MAX_ITER)
-            & tf.math.is_finite(rho_new)
-            & ((ratio > _RHO_ADAPT_RATIO) | (ratio < 1.0 / _RHO_ADAPT_RATIO))
-        )
+        rho_new, change = balanced_rho(rho, r_prim, s_prim, r_dual, s_dual, factor=_RHO_ADAPT_RATIO)
+        change &= tf.equal(status, MAX_ITER)
         # references: the latest rho change (the ray's slope changes with rho) and the
         # latest power-of-two chunk (the span is at least half the iterations so far)
         restart = tf.equal(tf.bitwise.bitwise_and(k + 1, k), 0)
-        resets = ((change & tf.not_equal(rho_new, rho)) | tf.equal(k, 0), tf.fill([B], restart))
+        resets = (change | tf.equal(k, 0), tf.fill([B], restart))
         refs = tuple(
             (tf.where(r[:, None], x, x0), tf.where(r[:, None], y, y0))
             for r, (x0, y0) in zip(resets, refs)
