@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from keras_implicit import _validation
+from keras_implicit import _dense, _validation
 from keras_implicit._registry import Registry, Settings, serialize
 from keras_implicit._structure import (
     SolverStats,
@@ -164,22 +164,6 @@ class FixedPointIteration(Solver):
             return z, SolverStats(iterations, residual, residual <= tol)
 
 
-def _spd_solve(matrix, rhs):
-    """x with matrix x = rhs, for small symmetric positive definite [B, m, m] and [B, m].
-
-    Gauss-Jordan unrolled over the static m (no pivoting: positive definite), which XLA
-    fuses into a few loops where its batched Cholesky is a slow scalar loop on CPU. A
-    singular or non-finite row gives a non-finite x in that row only, never an error.
-    """
-    m = matrix.shape[-1]
-    augmented = tf.concat([matrix, rhs[:, :, None]], axis=-1)
-    for k in range(m):
-        pivot_row = augmented[:, k, :] / augmented[:, k, k : k + 1]
-        column = augmented[:, :, k] - tf.one_hot(k, m, dtype=matrix.dtype)
-        augmented -= column[:, :, None] * pivot_row[:, None, :]
-    return augmented[:, :, m]
-
-
 @_REGISTRY.register()
 class Anderson(Solver):
     """Anderson acceleration (type II) of the fixed-point iteration.
@@ -246,7 +230,7 @@ class Anderson(Solver):
                 reg = (self.ridge * scale + tiny)[:, None, None]
                 # empty slots get a unit diagonal and a zero right-hand side: alpha = 0
                 system = gram + (reg + 1 - valid[:, None] * valid[None, :]) * eye
-                weights = _spd_solve(system, tf.broadcast_to(valid, [batch, m]))
+                weights = _dense.spd_solve(system, tf.broadcast_to(valid, [batch, m]))
                 alpha = tf.transpose(weights / tf.reduce_sum(weights, -1, keepdims=True))
                 mixed = history_combine(alpha, fs)
                 if self.beta != 1.0:  # beta sum alpha T(z_i) + (1 - beta) sum alpha z_i

@@ -38,6 +38,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow.experimental.numpy as tnp
 
+from keras_implicit import _dense
+
 ANDERSON_MEMORY = 5  # epochs per kernel call = iterates per extrapolation
 
 
@@ -223,26 +225,6 @@ def _xlogx(xp, w):
 # ---------------------------------------------------------------------------------
 # Anderson extrapolation
 # ---------------------------------------------------------------------------------
-def _small_spd_solve(matrix, rhs):
-    """Solves a small SPD system by Gauss-Jordan elimination in one while loop.
-
-    ``tf.linalg.solve`` adds about a second of XLA compile time; this loop body is a
-    dozen HLO ops. No pivoting is needed for the regularized SPD Anderson system.
-    """
-    size = tf.shape(matrix)[0]
-
-    def eliminate(k, matrix, rhs):
-        hot = tf.one_hot(k, size, dtype=matrix.dtype)
-        pivot = tf.gather(tf.gather(matrix, k), k)
-        row = tf.gather(matrix, k) / pivot
-        value = tf.gather(rhs, k) / pivot
-        column = tf.gather(matrix, k, axis=1) - hot  # leaves row k as the scaled row
-        return k + 1, matrix - column[:, None] * row[None, :], rhs - column * value
-
-    _, _, rhs = tf.while_loop(lambda k, *_: k < size, eliminate, (tf.constant(0), matrix, rhs))
-    return rhs
-
-
 def anderson_weights(rows, xp=np):
     """Weights c (sum 1) minimizing ``||sum_i c_i (x_{i+1} - x_i)||``; None-safe."""
     diffs = rows[1:] - rows[:-1]
@@ -253,7 +235,7 @@ def anderson_weights(rows, xp=np):
     if xp is np:
         weights = np.linalg.solve(system, np.ones(k))
     else:
-        weights = _small_spd_solve(system, tf.ones([k], gram.dtype))
+        weights = _dense.spd_solve(system[None], tf.ones([1, k], gram.dtype))[0]
     total = xp.sum(weights)
     ok = xp.isfinite(total) & (xp.abs(total) > 1e-300)
     return weights / xp.where(ok, total, 1.0), ok

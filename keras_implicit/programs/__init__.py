@@ -3,7 +3,8 @@
 `qp_admm`: OSQP-style ADMM for quadratic programs; `qp.solve_qp`: that solver as a
 differentiable function (`ki.custom_root` on the KKT conditions). `cone`: COSMO-style
 ADMM for cone programs, differentiable through `ki.custom_fixed_point`. `_admm`: the
-status codes, norms and tolerances both share; `_dense`: small batched factorizations
-that XLA compiles well. The Keras layers (`ki.layers.QuadraticProgram`, `ConeProgram`,
-`CvxpyLayer`) are thin wrappers (`keras_implicit.layers._program`).
+status codes, norms and tolerances both share. Small batched factorizations that XLA
+compiles well are in `keras_implicit._dense`. The Keras layers
+(`ki.layers.QuadraticProgram`, `ConeProgram`, `CvxpyLayer`) are thin wrappers
+(`keras_implicit.layers._program`).
 """

@@ -14,9 +14,9 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from keras_implicit import implicit
+from keras_implicit import _dense, implicit
 from keras_implicit import ops as kops
-from keras_implicit.programs import _admm, _dense
+from keras_implicit.programs import _admm
 from keras_implicit.programs._admm import (
     INFEASIBLE_TOL,
     MAX_ITER,

@@ -22,9 +22,9 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from keras_implicit import implicit, linalg
+from keras_implicit import _dense, implicit, linalg
 from keras_implicit._structure import SolverStats, row_norm, safe_divide
-from keras_implicit.programs import _dense, qp_admm
+from keras_implicit.programs import qp_admm
 from keras_implicit.programs._admm import NOT_CONVEX, NUMERICAL_ERROR, keep_solved_gradient
 from keras_implicit.programs.qp_admm import Settings
 

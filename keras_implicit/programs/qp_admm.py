@@ -31,7 +31,7 @@ import dataclasses
 
 import tensorflow as tf
 
-from keras_implicit.programs import _dense
+from keras_implicit import _dense
 from keras_implicit.programs._admm import (
     INFEASIBLE_TOL,
     MAX_ITER,

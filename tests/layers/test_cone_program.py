@@ -654,7 +654,7 @@ def test_adaptive_rho_keeps_the_solution_and_cuts_iterations():
 
 @pytest.mark.parametrize("n", [6, 70])  # unrolled Gauss-Jordan, and the fallback beyond 64
 def test_spd_inverse_under_xla_matches_numpy_with_its_gradient(n):
-    from keras_implicit.programs._dense import spd_inverse
+    from keras_implicit._dense import spd_inverse
 
     rng = np.random.default_rng(n)
     B = rng.standard_normal((3, 2 * n, n))

@@ -1,10 +1,10 @@
-"""programs._dense: the small batched factorizations, in every mode, against numpy."""
+"""keras_implicit._dense: the small batched factorizations, in every mode, against numpy."""
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_implicit.programs import _dense
+from keras_implicit import _dense
 from keras_implicit.programs.qp import psd_rows
 
 MODES = {"eager": None, "function": False, "xla": True}
@@ -69,3 +69,19 @@ def test_psd_check_agrees_with_eigenvalues(mode):
     assert expected == [True, True, True, False, False, bool(expected[5])]
     assert _run(psd_rows, mode, Q).tolist() == expected
     assert _run(psd_rows, mode, np.zeros((2, 0, 0))).tolist() == [True, True]
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("n", [5, 70])  # unrolled, and a while_loop past the unrolled size
+def test_spd_solve_matches_numpy_and_isolates_a_singular_row(mode, n):
+    rng = np.random.default_rng(2)
+    L = rng.standard_normal((3, n, n))
+    S = L @ L.transpose(0, 2, 1) + 0.1 * np.eye(n)
+    S[1] = 0.0  # singular: that row alone comes out non-finite
+    b = rng.standard_normal((3, n))
+    (x,) = _run(lambda s, b: (_dense.spd_solve(s, b),), mode, S, b)
+    good = [0, 2]
+    np.testing.assert_allclose(
+        x[good], np.linalg.solve(S[good], b[good][..., None])[..., 0], rtol=1e-8
+    )
+    assert not np.isfinite(x[1]).all()

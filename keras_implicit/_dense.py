@@ -59,16 +59,47 @@ def spd_inverse(matrix):
     return _gauss_jordan_inverse(matrix)
 
 
+def _spd_eliminate(augmented, n):
+    """Gauss-Jordan without pivoting on [S | R] ([B, n, n + k], S positive definite):
+    returns S^-1 R. Unrolled over a static n <= UNROLLED_INVERSE_MAX_ORDER (batched
+    rank-one updates, which XLA fuses), else one step per column in a while_loop."""
+
+    def step(k, augmented):
+        pivot_row = tf.gather(augmented, k, axis=1)  # [B, n + k]
+        pivot_row /= tf.gather(pivot_row, [k], axis=1)
+        column = tf.gather(augmented, k, axis=2) - tf.one_hot(k, n, dtype=augmented.dtype)
+        return augmented - column[:, :, None] * pivot_row[:, None, :]
+
+    if isinstance(n, int) and n <= UNROLLED_INVERSE_MAX_ORDER:
+        for k in range(n):
+            augmented = step(k, augmented)
+    else:
+        augmented = tf.while_loop(
+            lambda k, _: k < n, lambda k, a: (k + 1, step(k, a)), (tf.constant(0), augmented)
+        )[1]
+    return augmented[:, :, n:]
+
+
+def spd_solve(matrix, rhs):
+    """x with matrix x = rhs, for symmetric positive definite matrix [B, n, n], rhs [B, n].
+
+    Gauss-Jordan elimination without pivoting, in every mode: for the few-dozen-row
+    systems it is meant for (Anderson's least squares) it compiles to a handful of
+    fused ops, where XLA's batched Cholesky is a slow scalar loop on CPU and
+    `tf.linalg.solve` adds compile time. A singular or non-finite row gives a
+    non-finite x in that row only, never an error.
+    """
+    n = matrix.shape[-1]
+    if n is None:
+        n = tf.shape(matrix)[-1]
+    return _spd_eliminate(tf.concat([matrix, rhs[:, :, None]], axis=-1), n)[:, :, 0]
+
+
 @tf.custom_gradient
 def _gauss_jordan_inverse(matrix):
     n = matrix.shape[-1]
-    dtype = matrix.dtype
-    augmented = tf.concat([matrix, tf.eye(n, batch_shape=tf.shape(matrix)[:1], dtype=dtype)], -1)
-    for k in range(n):
-        pivot_row = augmented[:, k, :] / augmented[:, k, k : k + 1]
-        column = augmented[:, :, k] - tf.one_hot(k, n, dtype=dtype)
-        augmented -= column[:, :, None] * pivot_row[:, None, :]
-    inverse = augmented[:, :, n:]
+    eye = tf.eye(n, batch_shape=tf.shape(matrix)[:1], dtype=matrix.dtype)
+    inverse = _spd_eliminate(tf.concat([matrix, eye], -1), n)
 
     def grad(upstream):  # d(M^-1) = -M^-1 dM M^-1
         return -tf.linalg.matmul(
