@@ -38,8 +38,8 @@ import numpy as np
 import tensorflow as tf
 
 import keras_implicit as ki
+from keras_implicit._dense import spd_solve
 from keras_implicit._structure import history_combine, history_dot, history_write, row_sum
-from keras_implicit.solvers import _spd_solve
 
 RESULTS = pathlib.Path(__file__).with_name("results")
 
@@ -84,7 +84,7 @@ def anderson_loop(cell, z0, n, memory=5, ridge=1e-8):
         valid = tf.cast(index <= i, dtype)
         reg = ridge * tf.reduce_max(tf.linalg.diag_part(gram), -1) + tiny
         system = gram + (reg[:, None, None] + 1 - valid[:, None] * valid[None, :]) * eye
-        weights = _spd_solve(system, tf.broadcast_to(valid, [z0.shape[0], m]))
+        weights = spd_solve(system, tf.broadcast_to(valid, [z0.shape[0], m]))
         alpha = tf.transpose(weights / tf.reduce_sum(weights, -1, keepdims=True))
         return i + 1, history_combine(alpha, fs), fs, gs, gram
 

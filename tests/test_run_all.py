@@ -5,6 +5,7 @@ in a temporary directory."""
 
 import importlib.util
 import json
+import os
 import pathlib
 import textwrap
 
@@ -155,3 +156,14 @@ def test_quick_skips_benchmarks_without_it_and_leaves_results_md(tmp_path):
     assert (directory / "RESULTS.md").read_text() == before
     record = json.loads((results / "run_all_quick.json").read_text())
     assert list(record["benchmarks"]) == ["fast"] and record["benchmarks"]["fast"]["quick"]
+
+
+@pytest.mark.parametrize("name", sorted(run_all.discover(BENCHMARKS)))
+def test_every_benchmark_imports(name, monkeypatch):
+    """Each real bench_*.py loads (its imports of the package's internals still resolve);
+    running it is `run_all`'s job. Environment variables it sets are undone."""
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # what it sets stays in a copy
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"bench_{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert callable(module.main)
