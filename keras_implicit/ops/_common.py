@@ -199,17 +199,30 @@ def unit_and_norm(x: tf.Tensor):
     norm is for comparisons (no gradient); it is inf only if the true norm exceeds
     the largest float.
     """
-    m = max_abs_scale(x)
-    xs = x / m
-    sq = sum_last(tf.square(xs))
     tiny = np.finfo(x.dtype.as_numpy_dtype).tiny
-    unit = xs * tf.math.rsqrt(tf.maximum(sq, tiny))
-    # After the rescaling sq <= 4n, so it is infinite only for an infinite entry:
-    # that row's direction is undefined and becomes NaN as a whole.
-    unit = tf.where(
-        tf.math.is_finite(sq), unit, tf.fill(tf.shape(unit), tf.constant(np.nan, x.dtype))
-    )
-    return unit, tf.stop_gradient(m * tf.sqrt(sq))
+
+    def direct():
+        return x * tf.math.rsqrt(sq), tf.sqrt(sq)
+
+    def rescaled():
+        m = max_abs_scale(x)
+        xs = x / m
+        sq_s = sum_last(tf.square(xs))
+        unit = xs * tf.math.rsqrt(tf.maximum(sq_s, tiny))
+        # After the rescaling sq_s <= 4n, so it is infinite only for an infinite entry:
+        # that row's direction is undefined and becomes NaN as a whole.
+        unit = tf.where(
+            tf.math.is_finite(sq_s), unit, tf.fill(tf.shape(unit), tf.constant(np.nan, x.dtype))
+        )
+        return unit, m * tf.sqrt(sq_s)
+
+    # Rescaling costs a max-reduction, which XLA runs slowly on CPU; it is needed only
+    # where the plain squared norm over- or underflows (or is 0, or not finite). Above
+    # sqrt(tiny), squares lost to underflow change it by at most n * sqrt(tiny) relative.
+    sq = sum_last(tf.square(x))
+    plain = tf.reduce_all(tf.math.is_finite(sq) & (sq >= np.sqrt(tiny)))
+    unit, norm = tf.cond(plain, direct, rescaled)
+    return unit, tf.stop_gradient(norm)
 
 
 def upcast_half(x: tf.Tensor):
