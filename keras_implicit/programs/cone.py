@@ -31,8 +31,8 @@ from keras_implicit.programs._admm import (
 __all__ = ["cone_dim", "project_cone", "solve_cone_program", "validate_cone"]
 
 _KEYS = ("z", "l", "q", "s", "ep")
-# adaptive step size: the factor a balanced rho must differ by to be taken (COSMO-like;
-# the QP solver, whose refactorizations cost more, waits for 5)
+# adaptive step size: the factor a balanced rho must differ by to be taken (the QP
+# solver keeps OSQP's 5)
 RHO_UPDATE_FACTOR = 2.0
 # the per-row status codes (those of QuadraticProgram but non_convex)
 STATUS_NAMES = {k: v for k, v in _admm.STATUS_NAMES.items() if k != NOT_CONVEX}
