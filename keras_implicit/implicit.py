@@ -206,7 +206,18 @@ class _ImplicitOp:
     same matrix-free linear solver, at a finite linearization point.
     """
 
-    def __init__(self, problem, root_fn, y_star, args, *, linear_solver, on_failure, what):
+    def __init__(
+        self,
+        problem,
+        root_fn,
+        y_star,
+        args,
+        *,
+        linear_solver,
+        on_failure,
+        backward_on_failure,
+        what,
+    ):
         self.packer = problem.packer
         self.root_fn = root_fn
         self.y_star = y_star
@@ -214,6 +225,7 @@ class _ImplicitOp:
         self.n_y = len(tf.nest.flatten(y_star))
         self.linear_solver = linear_solver
         self.on_failure = on_failure
+        self.backward_on_failure = backward_on_failure
         self.what = what
 
     def residual(self, y_packed, xs):
@@ -245,7 +257,7 @@ class _ImplicitOp:
             u,
             converged,
             stats.residual,
-            on_failure=self.on_failure,
+            on_failure=self.backward_on_failure,
             what=f"{self.what}: {direction} linear solve ({self.linear_solver.name})",
             tol=self.linear_solver.tol,
             iterations=stats.iterations,
@@ -444,6 +456,7 @@ def _implicit(
     backward_callback,
     what,
     pause_tapes=True,
+    backward_on_failure=None,
 ):
     """Runs `forward` (recording paused if `pause_tapes`), then attaches the implicit derivatives.
 
@@ -455,6 +468,7 @@ def _implicit(
     """
     packer = problem.packer
     on_failure = _policy.check_policy(on_failure)
+    backward_on_failure = _policy.check_policy(backward_on_failure or on_failure)
     check_tol = problem.floor_tol(check_tol, what=what)
     linear_solver = problem.floor(linear_solver, what=what, name="backward_tol")
     stopped = tf.nest.map_structure(tf.stop_gradient, args)
@@ -475,6 +489,7 @@ def _implicit(
         args,
         linear_solver=linear_solver,
         on_failure=on_failure,
+        backward_on_failure=backward_on_failure,
         what=what,
     )
     out, report = op.attach(
@@ -780,6 +795,8 @@ def _custom(kind, fn, settings):
     )
     check_tol = _validation.non_negative_float("tol", settings["tol"])
     _policy.check_policy(settings["on_failure"])
+    if settings["backward_on_failure"] is not None:
+        _validation.one_of("backward_on_failure", settings["backward_on_failure"], _policy.POLICIES)
     has_aux = settings["has_aux"]
 
     def decorator(solver):
@@ -813,6 +830,7 @@ def _custom(kind, fn, settings):
                     linear_solver=backward,
                     check_tol=check_tol,
                     on_failure=settings["on_failure"],
+                    backward_on_failure=settings["backward_on_failure"],
                     backward_callback=settings["backward_callback"],
                     what=f"custom_{kind}",
                     pause_tapes=False,
@@ -836,6 +854,7 @@ def custom_fixed_point(
     backward_ridge=None,
     batch_dims=0,
     on_failure="warn",
+    backward_on_failure=None,
     return_stats=False,
     backward_callback=None,
     has_aux=False,
@@ -846,7 +865,10 @@ def custom_fixed_point(
     even a non-differentiable routine (a numpy solver behind `tf.numpy_function`): no
     gradient flows through it; the gradient comes from the implicit function theorem
     at the returned point. `tol` judges the returned point (residual
-    ||z - fn(z)|| / (1 + ||z||)) under `on_failure`. Other arguments as `fixed_point`.
+    ||z - fn(z)|| / (1 + ||z||)) under `on_failure`; `backward_on_failure` (default: the
+    same) applies to the backward (and tangent) linear solves, so a solver that reports
+    its own failures (a status output) can pass on_failure="ignore" and still have a
+    failed gradient solve reported. Other arguments as `fixed_point`.
 
     Keyword arguments of the decorated function, `solver(z0, *args, **kwargs)`, reach
     both the solver and `fn(z, *args, **kwargs)`; they are constants: only the
@@ -871,13 +893,15 @@ def custom_root(
     backward_ridge=None,
     batch_dims=0,
     on_failure="warn",
+    backward_on_failure=None,
     return_stats=False,
     backward_callback=None,
     has_aux=False,
 ):
     """Decorator giving any root solver of `fn` implicit gradients.
 
-    Keyword arguments, has_aux and forward mode as `custom_fixed_point`.
+    Keyword arguments, backward_on_failure, has_aux and forward mode as
+    `custom_fixed_point`.
     """
     return _custom("root", fn, locals())
 

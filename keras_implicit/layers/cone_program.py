@@ -36,7 +36,9 @@ Outputs: x (B, n); with `return_duals=True` also y (B, m) (the dual, in K*); wit
 0 solved, 1 max_iter, 2 primal infeasible, 3 dual infeasible (unbounded),
 4 numerical error (`ConeProgram.STATUS_NAMES`). Rows not solved hold the last
 iterate: mask them with the status. They are reported under `on_failure` ("warn",
-"raise" or "ignore"), through the same policy as `QuadraticProgram`.
+"raise" or "ignore"), through the same policy as `QuadraticProgram`, and so are rows
+whose gradient solve (GMRES) does not reach `backward_tol` ("custom_fixed_point:
+backward linear solve (gmres) did not converge ...").
 """
 
 from __future__ import annotations
@@ -88,7 +90,8 @@ class ConeProgram(ProgramLayer):
         (backward_tol default 1e-9 in float64, 1.2e-5 otherwise). Tolerances below 100
         machine epsilons of the solve dtype are raised to that floor, with one warning.
       on_failure: "warn" (default), "raise" or "ignore" for rows not solved, as for
-        `QuadraticProgram` (under XLA: "raise" sets those rows to NaN; read the status).
+        `QuadraticProgram` (under XLA: "raise" sets those rows to NaN; read the status),
+        and for rows whose gradient solve does not converge.
 
     STATUS_NAMES: status code -> name (0 solved, 1 max_iter, 2 primal_infeasible,
       3 dual_infeasible, 4 numerical_error), as for QuadraticProgram.
@@ -189,9 +192,9 @@ class ConeProgram(ProgramLayer):
             return tf.broadcast_to(t, tf.concat([[batch], tf.shape(t)], 0))
 
         P = self._parameter(inputs, "P", dtype)
-        x, y, status = solve_cone_program(
-            c, batched("A"), batched("b"), self.cone, self._solve_settings, P
-        )
+        # a row whose gradient solve fails is reported under the layer's policy too
+        settings = {**self._solve_settings, "backward_on_failure": self.on_failure}
+        x, y, status = solve_cone_program(c, batched("A"), batched("b"), self.cone, settings, P)
         return x, (y,), status
 
     def get_config(self):

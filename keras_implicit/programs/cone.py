@@ -334,7 +334,10 @@ def _solve_normalized(c, A, b, cone, settings, P=None):
             backward_tol=settings["backward_tol"],
             backward_max_iter=settings["backward_max_iter"],
             batch_dims=1,
+            # the forward is reported through the status; a failed gradient solve
+            # under the caller's policy (`settings["backward_on_failure"]`)
             on_failure="ignore",
+            backward_on_failure=settings.get("backward_on_failure", "ignore"),
         )(solver)
         m = tf.shape(b)[-1]
         state0 = (

@@ -287,3 +287,37 @@ def test_custom_solver_stats_report_unknown_iterations():
     _, stats = solve(tf.zeros_like(x), x)
     np.testing.assert_array_equal(stats.iterations.numpy(), -1)
     assert stats.converged.numpy().all()
+
+
+def test_custom_fixed_point_reports_the_backward_under_its_own_policy():
+    """on_failure="ignore" with backward_on_failure="raise": a solver that returns a
+    rough point passes silently, a gradient solve that cannot converge raises."""
+    matrix = np.random.default_rng(3).normal(size=(6, 6))
+    w = tf.constant(0.5 * matrix / np.linalg.norm(matrix, 2))
+
+    def fn(z, x):
+        return tf.linalg.matvec(w, z) + x
+
+    x = tf.constant(np.linspace(-1.0, 1.0, 6))
+    rough = ki.custom_fixed_point(fn, on_failure="ignore", backward_on_failure="raise")
+
+    @rough
+    def solve(z0, x):
+        return z0  # far from the fixed point: not reported
+
+    assert np.allclose(solve(tf.zeros(6, tf.float64), x).numpy(), 0.0)
+
+    strict = ki.custom_fixed_point(
+        fn,
+        backward_max_iter=1,
+        backward_tol=1e-14,
+        on_failure="ignore",
+        backward_on_failure="raise",
+    )(lambda z0, x: z0)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        loss = tf.reduce_sum(strict(tf.zeros(6, tf.float64), x))
+    with pytest.raises(ki.errors.ConvergenceError, match="backward linear solve"):
+        tape.gradient(loss, x)
+    with pytest.raises(ValueError, match="backward_on_failure"):
+        ki.custom_fixed_point(fn, backward_on_failure="loud")

@@ -675,3 +675,34 @@ def test_spd_inverse_under_xla_matches_numpy_with_its_gradient(n):
     # d<G, M^-1> / dM = -M^-T G M^-T
     expected_grad = -np.swapaxes(expected, 1, 2) @ upstream.numpy() @ np.swapaxes(expected, 1, 2)
     np.testing.assert_allclose(grad.numpy(), expected_grad, rtol=1e-8, atol=1e-10)
+
+
+def test_a_failed_gradient_solve_is_reported_under_the_layer_policy(capfd):
+    """A gradient solve stopped before `backward_tol` (one GMRES iteration) is reported as
+    the layer's `on_failure` says (here in a graph: a printed warning, a failed assertion,
+    or nothing) while the forward is solved."""
+    rng = np.random.default_rng(6)
+    cone, c, A, b = random_cone_program({"l": 4, "q": [3]}, 1, 3, rng)
+    cs = tf.constant(c[0] + 0.01 * rng.standard_normal((2, 3)))
+
+    def gradient(on_failure):
+        layer = kl.ConeProgram(
+            cone, A=A[0], b=b[0], dtype="float64", backward_max_iter=1, on_failure=on_failure
+        )
+
+        @tf.function
+        def run(cs):
+            with tf.GradientTape() as tape:
+                tape.watch(cs)
+                loss = tf.reduce_sum(layer(cs) ** 2)
+            return tape.gradient(loss, cs)
+
+        return run(cs).numpy()
+
+    capfd.readouterr()
+    assert np.isfinite(gradient("ignore")).all()
+    assert "backward linear solve" not in capfd.readouterr().err
+    assert np.isfinite(gradient("warn")).all()
+    assert "custom_fixed_point: backward linear solve (gmres)" in capfd.readouterr().err
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"backward linear solve \(gmres\)"):
+        gradient("raise")
