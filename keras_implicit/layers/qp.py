@@ -191,7 +191,13 @@ class QuadraticProgram(ProgramLayer):
             if params[k] is None:
                 params[k] = tf.zeros(absent[k], dtype)
         check = batched["Q"] or "Q" in self.trainable_params
-        x, nu, lam, status, _ = solve_qp(params, batched, self._solve_settings, check_psd=check)
+        x, nu, lam, status, _ = solve_qp(
+            params,
+            batched,
+            self._solve_settings,
+            check_psd=check,
+            backward_on_failure=self.on_failure,
+        )
         return x, (nu, lam), status
 
     def get_config(self):

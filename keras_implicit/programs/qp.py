@@ -88,13 +88,21 @@ def check_psd_array(Q):
         )
 
 
-def solve_qp(params: dict, batched: dict, settings: qp_admm.Settings, check_psd=None):
+def solve_qp(
+    params: dict,
+    batched: dict,
+    settings: qp_admm.Settings,
+    check_psd=None,
+    backward_on_failure="ignore",
+):
     """Solves the batch of QPs; differentiable w.r.t. every floating tensor in `params`.
 
     params: name -> tensor for all six names (absent ones as zero-size/zero tensors).
     batched: name -> bool (True if the tensor has the leading batch axis).
     check_psd: test Q's PSD-ness per row (status 5 "non_convex" where it fails);
       default: when Q is batched.
+    backward_on_failure: policy for a gradient solve (the KKT system at the active set)
+      that misses its tolerance, e.g. a singular one: "ignore", "warn" or "raise".
     Returns x, nu, lam, status, iterations.
 
     Rows whose data is small are solved in normalized units, so that the absolute part
@@ -136,7 +144,9 @@ def solve_qp(params: dict, batched: dict, settings: qp_admm.Settings, check_psd=
         "G": G,
         "h": h / tau[:, None],
     }
-    x, nu, lam, status, iters = _solve_normalized(normalized, settings, check_psd)
+    x, nu, lam, status, iters = _solve_normalized(
+        normalized, settings, check_psd, backward_on_failure
+    )
     dual = (tau * sigma)[:, None]
     return x * tau[:, None], nu * dual, lam * dual, status, iters
 
@@ -162,7 +172,7 @@ def _usable_rows(params, check_psd):
     return (Q, q, A, b, G, h), finite, convex
 
 
-def _solve_normalized(params, settings, check_psd):
+def _solve_normalized(params, settings, check_psd, backward_on_failure):
     """Solves rows given with a batch axis on every parameter; see `solve_qp`."""
     with tf.name_scope("quadratic_program"):
         (Q, q, A, b, G, h), finite, convex = _usable_rows(params, check_psd)
@@ -182,7 +192,7 @@ def _solve_normalized(params, settings, check_psd):
         x = tf.where(ok[:, None], x, tf.constant(np.nan, dtype))
         y = tf.where(ok[:, None], y, tf.constant(np.nan, dtype))
         x, y, status, iters = (tf.stop_gradient(t) for t in (x, y, status, iters))
-        x, nu, lam = _attach_gradient(x, y[:, :p], y[:, p:], params, P, C)
+        x, nu, lam = _attach_gradient(x, y[:, :p], y[:, p:], params, P, C, backward_on_failure)
         x, nu, lam = keep_solved_gradient(status, (x, nu, lam))
         return x, nu, lam, status, iters
 
@@ -212,7 +222,7 @@ class _AdjointKKT(linalg.LinearSolver):
         return w, SolverStats(tf.ones(tf.shape(b)[:1], tf.int32), residual, converged)
 
 
-def _attach_gradient(x, nu, lam, params, P, C):
+def _attach_gradient(x, nu, lam, params, P, C, backward_on_failure):
     """(x, nu, lam) as the root of the KKT residual F, with implicit gradients.
 
     `custom_root` solves (dF/d(x, nu, lam))^T w = g per row (`_AdjointKKT`) and
@@ -225,6 +235,10 @@ def _attach_gradient(x, nu, lam, params, P, C):
         return _kkt_residual(*solution, mask_in, *theta)
 
     solve = implicit.custom_root(
-        residual, linear_solver=_AdjointKKT(P, C, mask), batch_dims=1, on_failure="ignore"
+        residual,
+        linear_solver=_AdjointKKT(P, C, mask),
+        batch_dims=1,
+        on_failure="ignore",  # the forward is reported through the status
+        backward_on_failure=backward_on_failure,
     )(lambda solution, *theta: solution)
     return solve((x, nu, lam), *(params[k] for k in NAMES))

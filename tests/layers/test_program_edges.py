@@ -321,3 +321,41 @@ def test_extreme_scales_are_solved_or_reported(dtype):
     np.testing.assert_allclose(
         x.numpy() / scales[:, None], np.repeat(x.numpy()[2:3], 5, 0), atol=1e-4
     )
+
+
+def test_qp_singular_gradient_system_is_reported(capfd):
+    """Two copies of one active constraint: the duals split between them and the KKT
+    system of the gradient is singular. The rows are solved (status 0); their failed
+    gradient solve is reported under `on_failure` (here in a graph) and their gradient
+    is zero, never NaN."""
+    G = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    q = tf.constant([[-1.0, 1.0], [-1.0, -2.0]], tf.float64)
+
+    def run(on_failure):
+        layer = QuadraticProgram(
+            Q=np.eye(2),
+            G=G,
+            h=np.zeros(3),
+            input_names=["q"],
+            return_status=True,
+            dtype="float64",
+            on_failure=on_failure,
+        )
+
+        @tf.function
+        def gradient(q):
+            with tf.GradientTape() as tape:
+                tape.watch(q)
+                x, status = layer(q)
+                loss = tf.reduce_sum(x**2)
+            return x, status, tape.gradient(loss, q)
+
+        return [t.numpy() for t in gradient(q)]
+
+    capfd.readouterr()
+    x, status, grad = run("ignore")
+    assert "backward linear solve" not in capfd.readouterr().err
+    np.testing.assert_allclose(x, [[0.0, -1.0], [0.0, 0.0]], atol=1e-8)
+    assert (status == codes.SOLVED).all() and (grad == 0.0).all()
+    run("warn")
+    assert "custom_root: backward linear solve (kkt_qr)" in capfd.readouterr().err
