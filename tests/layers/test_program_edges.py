@@ -82,12 +82,17 @@ Q_ROWS = np.array([[0.3, -0.2, 0.1, 0.0], [-1.0, 0.5, 0.2, 0.1], [0.1, 0.1, -0.3
 
 
 def _value_and_grad(layer, q, weights):
-    q = tf.constant(q, layer.compute_dtype)
-    with tf.GradientTape() as tape:
-        tape.watch(q)
-        x, status = layer(q)
-        loss = tf.reduce_sum(tf.constant(weights, x.dtype) * x)
-    return x.numpy(), status.numpy(), tape.gradient(loss, q).numpy()
+    """Values, status and gradient in a graph (the eager ADMM loop is slow)."""
+
+    @tf.function
+    def run(q):
+        with tf.GradientTape() as tape:
+            tape.watch(q)
+            x, status = layer(q)
+            loss = tf.reduce_sum(tf.constant(weights, x.dtype) * x)
+        return x, status, tape.gradient(loss, q)
+
+    return tuple(t.numpy() for t in run(tf.constant(q, layer.compute_dtype)))
 
 
 @pytest.mark.parametrize(
