@@ -151,14 +151,30 @@ def _accelerator_visible() -> bool:
     return any(tf.config.list_logical_devices(kind) for kind in ("GPU", "TPU"))
 
 
+def _exact_matmul(dtype) -> bool:
+    # By default GPUs run float32 matrix products in TensorFloat-32 and TPUs in
+    # bfloat16 passes (~1e-3 relative error): a sum there must stay a reduction.
+    return dtype in _MATMUL_DTYPES and (dtype == tf.float64 or not _accelerator_visible())
+
+
 def _sum_by_matmul(x: tf.Tensor) -> bool:
-    if x.shape.rank is None or x.shape.rank < 2 or x.dtype not in _MATMUL_DTYPES:
+    if x.shape.rank is None or x.shape.rank < 2:
         return False
     if x.shape[:-1].num_elements() == 1:
         return False  # one long row: XLA's CPU reduction beats a [1, D] x [D, 1] product
-    # By default GPUs run float32 matrix products in TensorFloat-32 and TPUs in
-    # bfloat16 passes (~1e-3 relative error): a sum there must stay a reduction.
-    return x.dtype == tf.float64 or not _accelerator_visible()
+    return _exact_matmul(x.dtype)
+
+
+def _long_row_block(x: tf.Tensor):
+    """Width c to sum one long [1, D] row as a [D / c, c] block, or None.
+
+    XLA's CPU reduction of one long row runs as a scalar loop; the block lets the
+    matrix-vector product do the work (one row of 65536 float32: about 4x faster).
+    """
+    dim = x.shape[-1] if x.shape.rank == 2 else None
+    if dim is None or x.shape[0] != 1 or dim < 4096 or not _exact_matmul(x.dtype):
+        return None
+    return next((c for c in (256, 128, 64) if dim % c == 0), None)
 
 
 def row_sum(x: tf.Tensor, keepdims: bool = False) -> tf.Tensor:
@@ -169,9 +185,14 @@ def row_sum(x: tf.Tensor, keepdims: bool = False) -> tf.Tensor:
     0.76 vs 0.21 ms per call in a compiled loop, where jax's reduction takes 0.25 ms).
     The product accumulates in `x.dtype` like the reduction and differentiates to a
     broadcast. Rank-1, unknown-rank and non-float inputs, a single row (an unbatched
-    problem), and float32 or half inputs when a GPU or TPU is visible, use `reduce_sum`.
+    problem), and float32 or half inputs when a GPU or TPU is visible, use `reduce_sum`;
+    a single row of 4096 or more entries is summed as a block of rows where it can.
     """
     rank = x.shape.rank
+    width = _long_row_block(x)
+    if width is not None:
+        blocks = row_sum(tf.reshape(x, [x.shape[-1] // width, width]))
+        return tf.reshape(tf.reduce_sum(blocks), [1, 1] if keepdims else [1])
     if not _sum_by_matmul(x):
         return tf.reduce_sum(x, axis=-1, keepdims=keepdims)
     n = tf.shape(x)[-1]
@@ -238,25 +259,9 @@ class SolverStats(NamedTuple):
     converged: tf.Tensor
 
 
-def iterate_norm(x: tf.Tensor) -> tf.Tensor:
-    """`row_norm` of [B, D], with a single long row summed as a [D / c, c] block.
-
-    XLA's CPU reduction of one long row runs as a scalar loop; the block form lets
-    `row_sum` use its matrix-vector product (one row of 65536 float32: about 4x faster).
-    """
-    dim = x.shape[-1]
-    if x.shape.rank != 2 or x.shape[0] != 1 or dim is None or dim < 4096:
-        return row_norm(x)
-    width = next((c for c in (256, 128, 64) if dim % c == 0), None)
-    if width is None:
-        return row_norm(x)
-    blocks = row_sum(tf.reshape(tf.square(x), [dim // width, width]))
-    return tf.sqrt(tf.reduce_sum(blocks, keepdims=True))
-
-
 def relative_residual(step: tf.Tensor, z: tf.Tensor) -> tf.Tensor:
     """||step|| / (1 + ||z||) per row."""
-    return iterate_norm(step) / (1.0 + iterate_norm(z))
+    return row_norm(step) / (1.0 + row_norm(z))
 
 
 # A history of k past vectors of every row is a [k, B, D] tensor: slot i holds the

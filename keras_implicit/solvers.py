@@ -31,10 +31,10 @@ from keras_implicit._structure import (
     history_combine,
     history_dot,
     history_write,
-    iterate_norm,
     keep_best,
     no_residual,
     relative_residual,
+    row_norm,
     while_active,
     while_loop,
 )
@@ -221,7 +221,7 @@ class Anderson(Solver):
                     tf.where((index == slot)[None, None, :], products[:, :, None], gram),
                 )
                 g_norm = tf.sqrt(tf.maximum(tf.gather(products, slot, axis=1), 0))
-                res = g_norm / (1.0 + iterate_norm(z))
+                res = g_norm / (1.0 + row_norm(z))
                 residual, best = keep_best(active, res, z, residual, best)
                 move = active & (res > tol) & tf.math.is_finite(res)
 

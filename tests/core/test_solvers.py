@@ -326,11 +326,11 @@ def test_a_hard_row_leaves_the_others_unchanged_under_xla(name):
 
 
 @pytest.mark.parametrize("shape", [(1, 65536), (1, 4099), (1, 5000), (3, 8192)])
-def test_iterate_norm_matches_numpy(shape):
+def test_row_norm_of_one_long_row_matches_numpy(shape):
     """The block-summed norm of one long row (and the plain path elsewhere)."""
-    from keras_implicit._structure import iterate_norm
+    from keras_implicit._structure import row_norm
 
     x = np.random.default_rng(9).normal(size=shape).astype(np.float32)
     expected = np.linalg.norm(x.astype(np.float64), axis=-1)
-    for fn in (iterate_norm, tf.function(iterate_norm, jit_compile=True)):
+    for fn in (row_norm, tf.function(row_norm, jit_compile=True)):
         np.testing.assert_allclose(fn(tf.constant(x)).numpy(), expected, rtol=1e-5)
